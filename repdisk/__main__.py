@@ -1,0 +1,3 @@
+from repdisk.cli import main
+
+raise SystemExit(main())

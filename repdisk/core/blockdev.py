@@ -1,0 +1,78 @@
+"""The one block-device interface (nbdkit-like) that the NBD server serves and
+the nodes implement.  All methods are synchronous and page-cache fast, except
+`flush`, which may block (the edges run it in a thread).  Errors are
+RepdiskError subclasses carrying an errno (OutOfRange for I/O past the end)."""
+
+from typing import Protocol
+
+from .geometry import Geometry
+from .image import RawImage
+
+
+class BlockDevice(Protocol):
+    size: int
+    # The smallest I/O unit the device accepts without read-modify-write on the
+    # client's side (NBD_INFO_BLOCK_SIZE minimum) and the preferred one.
+    min_block: int
+    preferred_block: int
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+    def pwrite(self, buf, offset: int) -> None: ...
+    def zero(self, offset: int, length: int) -> None: ...
+    def trim(self, offset: int, length: int) -> None: ...
+    def flush(self) -> None: ...
+
+
+class FileDevice:
+    """A plain raw image as a block device (for tests and plain serving)."""
+
+    min_block = 1
+    preferred_block = 4096
+
+    def __init__(self, image: RawImage):
+        self.image = image
+        self.size = image.size
+        self.geometry = Geometry(image.size, 4096) if image.size else None
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self.geometry.check(offset, length)
+        return self.image.pread(offset, length)
+
+    def pwrite(self, buf, offset: int) -> None:
+        self.geometry.check(offset, len(buf))
+        self.image.pwrite(buf, offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.geometry.check(offset, length)
+        self.image.punch(offset, length)
+
+    trim = zero
+
+    def flush(self) -> None:
+        self.image.fsync()
+
+
+class StackReplicaDevice:
+    """What the secondary's NBD server serves: the replica side of a
+    SecondaryStack (reads from the replica, writes with copy-before-write)."""
+
+    min_block = 1
+
+    def __init__(self, stack):
+        self.stack = stack
+        self.size = stack.size
+        self.preferred_block = stack.geometry.block_size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.stack.replica_read(offset, length)
+
+    def pwrite(self, buf, offset: int) -> None:
+        self.stack.primary_write(buf, offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.stack.primary_zero(offset, length)
+
+    trim = zero
+
+    def flush(self) -> None:
+        self.stack.flush()

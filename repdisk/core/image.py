@@ -1,0 +1,180 @@
+"""Positional I/O on a raw image file: no shared file offset, one syscall per
+contiguous range.  OSErrors become IOFailure with the operation named."""
+
+import errno
+import os
+import re
+
+from .errors import ImageError, IOFailure
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+try:  # os.fallocate has no flags argument; use libc for punch hole
+    import ctypes
+    import ctypes.util
+
+    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+except OSError:  # pragma: no cover
+    _libc = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate [offset, offset+length); reads of it return zeros afterwards.
+    Unaligned edges are zeroed by the file system."""
+    if length <= 0:
+        return
+    if _libc is not None and _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno() if _libc is not None else errno.EOPNOTSUPP
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise OSError(err, os.strerror(err))
+    # The file system cannot punch holes: write zeros instead.
+    zeros = bytes(min(length, 1 << 20))
+    end = offset + length
+    while offset < end:
+        n = os.pwrite(fd, memoryview(zeros)[: min(len(zeros), end - offset)], offset)
+        offset += n
+
+
+_SIZE = re.compile(r"\s*(\d+)\s*([KMGTP]?)(?:I?B)?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512M', '4096', '1T', '64KiB' -> bytes (binary units)."""
+    m = _SIZE.fullmatch(text)
+    if not m:
+        raise ImageError(f"cannot read size {text!r}: use a number of bytes or a suffix K, M, G, T")
+    value = int(m.group(1)) << (10 * " KMGTP".index(m.group(2).upper() or " "))
+    if value <= 0:
+        raise ImageError(f"size {text!r} must be positive")
+    return value
+
+
+class RawImage:
+    """A raw image file opened read-write."""
+
+    def __init__(self, path: str, fd: int, size: int):
+        self.path, self.fd, self.size = path, fd, size
+
+    @classmethod
+    def open(cls, path: str, size: int | None = None) -> "RawImage":
+        """Open `path`; create it sparse when it is missing and `size` is given.
+        An existing image of another size than `size` is refused untouched."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if size is None:
+                raise ImageError(f"{path}: no such image; give --size to create it") from None
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                os.ftruncate(fd, size)
+            except OSError as e:
+                raise ImageError(f"{path}: cannot create image: {e.strerror}") from None
+            return cls(path, fd, size)
+        except OSError as e:
+            raise ImageError(f"{path}: cannot open image: {e.strerror}") from None
+        actual = os.lseek(fd, 0, os.SEEK_END)
+        if size is not None and actual != size:
+            os.close(fd)
+            raise ImageError(f"{path}: image is {actual} bytes but --size asks for {size}; refusing to change it")
+        if actual == 0:
+            os.close(fd)
+            raise ImageError(f"{path}: image is empty (0 bytes)")
+        return cls(path, fd, actual)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def readinto(self, buf, offset: int) -> None:
+        """Fill `buf` (a writable buffer) from `offset`; short reads past EOF are zeros."""
+        mv = memoryview(buf)
+        done = 0
+        try:
+            while done < len(mv):
+                n = os.preadv(self.fd, [mv[done:]], offset + done)
+                if n == 0:
+                    mv[done:] = bytes(len(mv) - done)
+                    break
+                done += n
+        except OSError as e:
+            raise IOFailure(f"read {self.path} at {offset}", e) from None
+
+    def pread(self, offset: int, length: int) -> bytes:
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise IOFailure(f"read {self.path} at {offset}", e) from None
+        if len(data) < length:  # only at a concurrent truncate or EOF
+            buf = bytearray(data)
+            buf.extend(bytes(length - len(data)))
+            return bytes(buf)
+        return data
+
+    def pwrite(self, buf, offset: int) -> None:
+        try:
+            n = os.pwrite(self.fd, buf, offset)
+            if n != len(buf):
+                mv = memoryview(buf)
+                while n < len(mv):
+                    n += os.pwrite(self.fd, mv[n:], offset + n)
+        except OSError as e:
+            raise IOFailure(f"write {self.path} at {offset}", e) from None
+
+    def punch(self, offset: int, length: int) -> None:
+        try:
+            punch_hole(self.fd, offset, length)
+        except OSError as e:
+            raise IOFailure(f"punch hole in {self.path} at {offset}", e) from None
+
+    def fsync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise IOFailure(f"fsync {self.path}", e) from None
+
+    def copy_to(self, dst: "RawImage", offset: int, length: int) -> None:
+        """Copy [offset, offset+length) into `dst` at the same offset (copy_file_range)."""
+        end = offset + length
+        pos = offset
+        try:
+            while pos < end:
+                n = os.copy_file_range(self.fd, dst.fd, end - pos, pos, pos)
+                if n == 0:  # source shorter than expected: the rest is zeros
+                    dst.punch(pos, end - pos)
+                    break
+                pos += n
+        except OSError as e:
+            raise IOFailure(f"copy {self.path} -> {dst.path} at {pos}", e) from None
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        """True when [offset, offset+length) holds no data (reads as zeros)."""
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_DATA) >= offset + length
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after offset
+                return True
+            return False
+
+    def data_extents(self, offset: int, end: int):
+        """Yield (start, stop) of the ranges in [offset, end) that may hold data."""
+        pos = offset
+        while pos < end:
+            try:
+                d = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    return
+                yield pos, end
+                return
+            if d >= end:
+                return
+            try:
+                h = os.lseek(self.fd, d, os.SEEK_HOLE)
+            except OSError:
+                h = end
+            yield d, min(h, end)
+            pos = h

@@ -1,0 +1,189 @@
+"""The secondary's block stack, QEMU block replication's secondary exactly:
+
+    view (the secondary VM's disk)   reads: active -> hidden -> replica
+                                     writes: the active overlay only
+    primary writes (over NBD)        copy-before-write into hidden, then the replica
+
+Every method is synchronous and runs start to end without yielding: called from
+one event loop thread, each is atomic with respect to the others (that is what
+makes copy-before-write safe against concurrent view I/O).  The only long
+operation, the failover commit, is split into chunks the caller runs one at a
+time (see `commit_chunks`), with writes to the chunk's range held off.
+"""
+
+from collections.abc import Iterator
+
+from .bitmap import Bitmap
+from .geometry import Geometry
+from .image import RawImage
+from .overlay import Overlay
+
+
+class SecondaryStack:
+    def __init__(self, replica: RawImage, hidden_path: str, active_path: str, block_size: int):
+        self.geometry = Geometry(replica.size, block_size)
+        self.replica = replica
+        self.hidden = Overlay(hidden_path, self.geometry)
+        self.active = Overlay(active_path, self.geometry)
+        # After failover the overlays are merged into the replica and the view is
+        # the replica itself.
+        self.standalone = False
+        self.committing = False
+
+    @property
+    def size(self) -> int:
+        return self.geometry.size
+
+    # ---- reading -------------------------------------------------------------
+
+    def _read(self, offset: int, length: int, layers: tuple[Overlay, ...]) -> bytearray:
+        """Read through `layers` (lowest first) over the replica."""
+        geo = self.geometry
+        buf = bytearray(length)
+        self.replica.readinto(buf, offset)
+        b0, b1 = geo.blocks(offset, length)
+        end = offset + length
+        mv = memoryview(buf)
+        for layer in layers:
+            for a, b in layer.map.runs(b0, b1):
+                start = max(a << geo.shift, offset)
+                stop = min(b << geo.shift, end)
+                layer.file.readinto(mv[start - offset : stop - offset], start)
+        return buf
+
+    def _covered(self, b0: int, b1: int, layers: tuple[Overlay, ...]) -> bool:
+        return any(layer.map.any(b0, b1) for layer in layers)
+
+    def view_read(self, offset: int, length: int) -> bytes:
+        self.geometry.check(offset, length)
+        b0, b1 = self.geometry.blocks(offset, length)
+        layers = (self.hidden, self.active)
+        if not self._covered(b0, b1, layers):
+            return self.replica.pread(offset, length)
+        return bytes(self._read(offset, length, layers))
+
+    def replica_read(self, offset: int, length: int) -> bytes:
+        """What the primary sees when it reads over NBD: the replica image."""
+        self.geometry.check(offset, length)
+        return self.replica.pread(offset, length)
+
+    # ---- the secondary VM's writes ---------------------------------------------
+
+    def view_write(self, buf, offset: int) -> None:
+        geo = self.geometry
+        length = len(buf)
+        geo.check(offset, length)
+        if length == 0:
+            return
+        b0, b1 = geo.blocks(offset, length)
+        if self.standalone or (self.committing and not self._covered(b0, b1, (self.hidden, self.active))):
+            # The view is the replica for these blocks: write it in place.
+            self.replica.pwrite(buf, offset)
+            return
+        active = self.active
+        # A partly written block that the active overlay does not hold yet is
+        # first filled with what the view shows there (read-modify-write), so that
+        # a set bit always means "the whole block is here".
+        i0, i1 = geo.inner_blocks(offset, length)
+        edges = {b for b in (b0, b1 - 1) if not (i0 <= b < i1) and not active.map.test(b)}
+        for b in sorted(edges):
+            start, n = geo.byte_range(b, b + 1)
+            active.file.pwrite(self._read(start, n, (self.hidden,)), start)
+        active.file.pwrite(buf, offset)
+        active.map.set(b0, b1)
+
+    # ---- the primary's writes (NBD) -------------------------------------------
+
+    def _protect(self, offset: int, length: int) -> None:
+        """Copy-before-write: keep the view's current content of every block in
+        [offset, offset+length) that neither overlay holds yet in the hidden
+        overlay.  One copy_file_range per run; holes are taken over for free."""
+        geo = self.geometry
+        b0, b1 = geo.blocks(offset, length)
+        if b0 == b1 or self.standalone:
+            return
+        hidden, active = self.hidden, self.active
+        held = hidden.map.bits[b0:b1] | active.map.bits[b0:b1]
+        if held.all():
+            return
+        need = Bitmap(0)
+        need.bits = ~held
+        for a, b in need.runs():
+            start, n = geo.byte_range(b0 + a, b0 + b)
+            if not self.replica.is_hole(start, n):
+                self.replica.copy_to(hidden.file, start, n)
+            hidden.map.set(b0 + a, b0 + b)
+
+    def primary_write(self, buf, offset: int) -> None:
+        self.geometry.check(offset, len(buf))
+        self._protect(offset, len(buf))
+        self.replica.pwrite(buf, offset)
+
+    def primary_zero(self, offset: int, length: int) -> None:
+        """WRITE_ZEROES and TRIM: the range reads as zeros afterwards (a hole)."""
+        self.geometry.check(offset, length)
+        self._protect(offset, length)
+        self.replica.punch(offset, length)
+
+    def flush(self) -> None:
+        """Make everything written so far durable (blocking: run it in a thread)."""
+        self.replica.fsync()
+        if not self.standalone:
+            self.hidden.file.fsync()
+            self.active.file.fsync()
+
+    # ---- checkpoint and failover ---------------------------------------------
+
+    def checkpoint(self) -> list[RawImage]:
+        """Drop both overlays: the view becomes the replica (the primary's disk).
+        Returns the old overlay files for the caller to close off the hot path."""
+        return [self.hidden.reset(), self.active.reset()]
+
+    @property
+    def commit_pending(self) -> int:
+        """Bytes still to commit in a failover."""
+        return self.hidden.used_bytes + self.active.used_bytes
+
+    def commit_chunks(self, max_bytes: int = 8 << 20) -> Iterator[tuple[Overlay, int, int]]:
+        """The failover commit as (layer, first_block, end_block) chunks: hidden
+        first (minus what active overrides), then active.  The caller copies each
+        with `commit_copy` (in a thread), then calls `commit_done` (in the loop).
+        Bits can be set while the commit runs (view writes); the generator looks
+        again until both overlays are empty."""
+        self.committing = True
+        per = max(1, max_bytes >> self.geometry.shift)
+        for layer in (self.hidden, self.active):
+            while layer.map.any():
+                for a, b in list(layer.map.runs()):
+                    for c in range(a, b, per):
+                        yield layer, c, min(b, c + per)
+
+    def commit_copy(self, layer: Overlay, first: int, end: int) -> None:
+        """Copy blocks [first, end) of `layer` into the replica (blocking)."""
+        start, n = self.geometry.byte_range(first, end)
+        if layer is self.hidden:
+            # Blocks the active overlay holds are overridden anyway.
+            mask = self.active.map.bits[first:end]
+            if mask.any():
+                sub = Bitmap(0)
+                sub.bits = ~mask
+                for a, b in sub.runs():
+                    s, m = self.geometry.byte_range(first + a, first + b)
+                    layer.file.copy_to(self.replica, s, m)
+                return
+        layer.file.copy_to(self.replica, start, n)
+
+    def commit_done(self, layer: Overlay, first: int, end: int) -> None:
+        layer.map.clear(first, end)
+
+    def finish_commit(self) -> list[RawImage]:
+        """Both overlays are merged: serve the view from the replica from now on."""
+        assert not self.hidden.map.any() and not self.active.map.any()
+        self.standalone = True
+        self.committing = False
+        return [self.hidden.reset(), self.active.reset()]
+
+    def close(self) -> None:
+        self.hidden.close()
+        self.active.close()
+        self.replica.close()
