@@ -1,0 +1,66 @@
+"""The root of a node's process: one nursery owns the FUSE loop, the NBD
+server or replica link, and the signal watcher; shutdown runs in one order:
+stop taking I/O, flush, unmount, close."""
+
+import logging
+import signal
+
+import pyfuse3
+import trio
+
+from .edge.fuse import DiskFS, mount_options, prepare_mountpoint
+
+log = logging.getLogger(__name__)
+
+
+async def serve_node(node, mountpoint: str, fsname: str, services=(), on_ready=None, shutdown=None) -> None:
+    """Mount `node` at `mountpoint` and run until SIGINT/SIGTERM or an external
+    unmount.  `services` are async callables `f(task_status=...)` started
+    (and waited ready) before the mount; `shutdown` is an async callable run
+    before unmounting; `on_ready` a plain callable run once mounted."""
+    prepare_mountpoint(mountpoint)
+    ops = DiskFS(node)
+    async with trio.open_nursery() as nursery:
+        for service in services:
+            await nursery.start(service)
+        pyfuse3.init(ops, mountpoint, mount_options(fsname))
+        unmounted = False
+        try:
+            nursery.start_soon(_watch_signals, nursery.cancel_scope)
+            nursery.start_soon(_raise_max_background, mountpoint)
+            if on_ready is not None:
+                on_ready()
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            unmounted = True  # main() returns when the file system was unmounted from outside
+            log.warning("%s was unmounted from outside; stopping", mountpoint)
+        finally:
+            with trio.CancelScope(shield=True):
+                if shutdown is not None:
+                    try:
+                        await shutdown()
+                    except Exception:
+                        log.exception("error while shutting down")
+                pyfuse3.close(unmount=not unmounted)
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("got %s: stopping", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+async def _raise_max_background(mountpoint: str, value: int = 64) -> None:
+    """Let the kernel keep more than 12 background requests in flight to us
+    (best effort: needs fusectl mounted at /sys/fs/fuse/connections and root).
+    The stat runs in a thread: it is answered by our own FUSE loop."""
+    import os
+
+    try:
+        dev = (await trio.to_thread.run_sync(os.stat, mountpoint)).st_dev
+        with open(f"/sys/fs/fuse/connections/{os.minor(dev)}/max_background", "w") as f:
+            f.write(str(value))
+    except OSError as e:
+        log.debug("cannot raise max_background: %s", e)

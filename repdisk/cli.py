@@ -1,0 +1,114 @@
+"""Command line: arguments -> configuration -> trio.run, with exit codes
+0 (clean stop), 1 (runtime failure), 2 (user error: one clear line)."""
+
+import argparse
+import fcntl
+import logging
+import os
+import sys
+
+from .core.errors import ImageError, InvalidArgument, RepdiskError
+from .core.image import parse_size
+
+log = logging.getLogger("repdisk")
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: one line, exit status 2."""
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except RepdiskError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _block_size(text: str) -> int:
+    n = _size(text)
+    if n < 512 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"block size {text} is not a power of two >= 512")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="repdisk", description="Replicated virtual disk (COLO-style block replication) over FUSE and NBD.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    sub = p.add_subparsers(dest="role", required=True, metavar="{secondary,primary,pair,status}")
+
+    def common(sp):
+        sp.add_argument("--disk", required=True, help="the raw image (created sparse when missing and --size is given)")
+        sp.add_argument("--mount", required=True, help="mount point; shows disk.img and control (created if missing)")
+        sp.add_argument("--size", type=_size, help="disk size (e.g. 10G); must match an existing image")
+        sp.add_argument("--state-dir", help="where overlays and metadata live (default: beside the image)")
+        sp.add_argument("--block-size", type=_block_size, default=4096, help="tracking and copy-before-write grain (default 4096)")
+
+    s = sub.add_parser("secondary", help="run a secondary node: NBD server for the primary + FUSE view")
+    common(s)
+    s.add_argument("--listen", required=True, help="HOST:PORT or unix:PATH for the primary's NBD connection")
+
+    pr = sub.add_parser("primary", help="run a primary node: FUSE disk replicated over NBD")
+    common(pr)
+    pr.add_argument("--secondary", required=True, help="NBD URI of the secondary, e.g. nbd://127.0.0.1:10809 or 'nbd+unix:///?socket=/run/x.sock'")
+    pr.add_argument("--mode", choices=("sync", "async"), default="sync", help="sync: a write returns after the secondary has it (default); async: after the local write")
+    pr.add_argument("--async-queue", type=_size, default=64 << 20, help="async mode: bytes replication may trail behind (default 64M)")
+    pr.add_argument("--assume-synced", action="store_true", help="skip the initial full sync (the images are known identical)")
+    pr.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the secondary at start (default 10)")
+
+    st = sub.add_parser("status", help="print a node's status (the control file) and exit")
+    st.add_argument("mount", help="the node's mount point")
+    return p
+
+
+def _setup_logging(args) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format=f"repdisk-{args.role} %(levelname)s: %(message)s")
+
+
+def lock_image(path: str):
+    """Hold an exclusive lock on the image so a second node cannot use it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{path}: image is in use by another repdisk node") from None
+    return fd
+
+
+def state_paths(args) -> tuple[str, str]:
+    """(directory, file prefix) for a node's overlays and metadata."""
+    disk = os.path.abspath(args.disk)
+    d = os.path.abspath(args.state_dir) if args.state_dir else os.path.dirname(disk)
+    os.makedirs(d, exist_ok=True)
+    return d, os.path.join(d, os.path.basename(disk))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
+    try:
+        if args.role == "status":
+            with open(os.path.join(args.mount, "control")) as f:
+                sys.stdout.write(f.read())
+            return 0
+        if args.role == "secondary":
+            from .run import run_secondary
+
+            return run_secondary(args)
+        if args.role == "primary":
+            from .run import run_primary
+
+            return run_primary(args)
+    except (UserError, RepdiskError) as e:
+        print(f"repdisk {args.role}: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, (UserError, ImageError, InvalidArgument)) else 1
+    except OSError as e:
+        print(f"repdisk {args.role}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 1

@@ -1,0 +1,1 @@
+"""Thin adapters at the edges: FUSE front end, NBD wire and server, libnbd replica link."""

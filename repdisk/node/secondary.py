@@ -1,0 +1,164 @@
+"""The secondary node: the NBD server takes the primary's writes into the
+replica with copy-before-write; the FUSE view shows active -> hidden -> replica.
+
+Everything runs in one trio thread.  Stack calls are synchronous and never
+yield, so each NBD request, view read and view write is atomic with respect to
+the others and to checkpoint.  The failover commit copies chunks in a thread;
+view writes wait while the chunk they touch is being copied (`_commit_range`).
+"""
+
+import logging
+import time
+
+import trio
+
+from ..core.errors import UnknownCommand
+from ..core.stack import SecondaryStack
+from . import state as st
+from .control import Progress, parse_command
+
+log = logging.getLogger(__name__)
+
+
+class SecondaryNode:
+    role = "secondary"
+
+    def __init__(self, stack: SecondaryStack, *, listen: str, invalidate=None):
+        self.stack = stack
+        self.listen = listen
+        self.state = st.S_WAITING
+        self.epoch = 0
+        self.error: str | None = None
+        self.peer: str | None = None
+        self.server = None  # NbdServer, set by the app
+        self.commit = Progress()
+        self._commit_range: tuple[int, int] | None = None  # bytes being copied
+        self._commit_moved = trio.Event()
+        self._invalidate = invalidate  # async callable: drop the kernel's cached view
+        self._lock = trio.Lock()  # one command at a time
+        self._nursery = None
+
+    @property
+    def size(self) -> int:
+        return self.stack.size
+
+    def _event(self, event: str) -> str | None:
+        new, action = st.transition(st.SECONDARY, st.SECONDARY_WHY, self.state, event)
+        if new != self.state:
+            log.info("state %s -> %s (%s)", self.state, new, event)
+        self.state = new
+        return action
+
+    # ---- NBD server hooks ---------------------------------------------------
+    def on_connect(self, peer: str) -> None:
+        self._event("connect")
+        self.peer = peer
+        log.info("primary connected from %s", peer)
+
+    def on_disconnect(self, peer: str, error: str | None) -> None:
+        self.peer = None
+        if error:
+            self.error = f"primary connection from {peer} ended: {error}"
+        log.info("primary %s disconnected%s", peer, f": {error}" if error else "")
+        if self.state == st.S_REPLICATING:
+            self._event("disconnect")
+
+    # ---- the view (FUSE disk.img) -------------------------------------------
+    async def disk_read(self, offset: int, length: int) -> bytes:
+        return self.stack.view_read(offset, length)
+
+    async def disk_write(self, offset: int, buf) -> None:
+        while self._commit_range is not None and self._overlaps_commit(offset, len(buf)):
+            await self._commit_moved.wait()
+        self.stack.view_write(buf, offset)
+
+    def _overlaps_commit(self, offset: int, length: int) -> bool:
+        a, b = self._commit_range
+        return offset < b and a < offset + length
+
+    async def disk_fsync(self) -> None:
+        await trio.to_thread.run_sync(self.stack.flush)
+
+    # ---- control ------------------------------------------------------------
+    def status(self) -> dict:
+        geo = self.stack.geometry
+        s = {
+            "role": self.role,
+            "state": self.state,
+            "epoch": self.epoch,
+            "error": self.error,
+            "size": geo.size,
+            "block_size": geo.block_size,
+            "hidden_bytes": self.stack.hidden.used_bytes,
+            "active_bytes": self.stack.active.used_bytes,
+            "peer": self.peer,
+            "listen": self.listen,
+        }
+        if self.state in (st.S_FAILOVER, st.S_STANDALONE) or self.commit.total:
+            s["commit"] = self.commit.as_dict()
+        if self.server is not None:
+            s["nbd"] = self.server.statistics()
+        return s
+
+    async def command(self, text: str) -> None:
+        name, args = parse_command(text)
+        handler = {"checkpoint": self.checkpoint, "failover": self.failover}.get(name)
+        if handler is None or args:
+            raise UnknownCommand(f"unknown command {text!r}; the secondary knows: checkpoint, failover")
+        async with self._lock:
+            try:
+                await handler()
+            except Exception as e:
+                self.error = f"{name}: {e}"
+                raise
+
+    async def checkpoint(self) -> None:
+        self._event("checkpoint")
+        old = self.stack.checkpoint()  # atomic: no await between the drop and the epoch
+        self.epoch += 1
+        self.error = None
+        log.info("checkpoint %d: overlays dropped", self.epoch)
+        if self._invalidate is not None:
+            await self._invalidate()
+        await trio.to_thread.run_sync(_close_all, old)
+
+    async def failover(self) -> None:
+        self._event("failover")
+        if self.server is not None:
+            self.server.refuse("this secondary has failed over and accepts no primary")
+            await self.server.disconnect()
+        self.error = None
+        self.commit.start(self.stack.commit_pending)
+        try:
+            await self._commit()
+        except Exception as e:
+            self._event("commit_failed")
+            self.error = f"failover commit failed (view unchanged, retry with 'failover'): {e}"
+            log.error("%s", self.error)
+            raise
+        finally:
+            self._commit_range = None
+            self._commit_moved.set()
+        old = self.stack.finish_commit()
+        self._event("commit_done")
+        self.commit.finish()
+        log.info("failover done: %d bytes committed in %.3f s", self.commit.done, self.commit.elapsed)
+        await trio.to_thread.run_sync(_close_all, old)
+
+    async def _commit(self) -> None:
+        stack, geo = self.stack, self.stack.geometry
+        for layer, first, end in stack.commit_chunks():
+            start, n = geo.byte_range(first, end)
+            self._commit_range = (start, start + n)
+            await trio.to_thread.run_sync(stack.commit_copy, layer, first, end)
+            stack.commit_done(layer, first, end)
+            self._commit_range = None
+            self._commit_moved.set()
+            self._commit_moved = trio.Event()
+            self.commit.add(n)
+            self.commit.total = max(self.commit.total, self.commit.done + stack.commit_pending)
+
+
+def _close_all(files) -> None:
+    for f in files:
+        f.close()

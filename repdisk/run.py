@@ -1,0 +1,90 @@
+"""Assemble a node from parsed arguments and run it (trio.run)."""
+
+import functools
+import logging
+import os
+
+import trio
+
+from .app import serve_node
+from .cli import lock_image, state_paths
+from .core.errors import ImageError
+from .core.image import RawImage
+
+log = logging.getLogger("repdisk")
+
+
+def run_secondary(args) -> int:
+    from .core.blockdev import StackReplicaDevice
+    from .core.stack import SecondaryStack
+    from .edge.fuse import invalidate_disk
+    from .edge.nbdserver import NbdServer
+    from .node.secondary import SecondaryNode
+
+    image = RawImage.open(args.disk, args.size)
+    lock = lock_image(args.disk)
+    _, prefix = state_paths(args)
+    stack = SecondaryStack(image, f"{prefix}.hidden", f"{prefix}.active", args.block_size)
+    node = SecondaryNode(stack, listen=args.listen, invalidate=invalidate_disk)
+    server = NbdServer(
+        StackReplicaDevice(stack),
+        export_name="",
+        description=f"repdisk secondary of {os.path.basename(args.disk)}",
+        on_connect=node.on_connect,
+        on_disconnect=node.on_disconnect,
+    )
+    node.server = server
+
+    async def shutdown():
+        await trio.to_thread.run_sync(stack.flush)
+
+    def ready():
+        log.info("secondary ready: %s (%d bytes) at %s, NBD on %s", args.disk, image.size, args.mount, args.listen)
+
+    try:
+        trio.run(functools.partial(
+            serve_node, node, args.mount, "repdisk-secondary",
+            services=[functools.partial(server.serve, args.listen)], on_ready=ready, shutdown=shutdown))
+    finally:
+        stack.close()
+        os.close(lock)
+    return 0
+
+
+def run_primary(args) -> int:
+    from .core.errors import RepdiskError
+    from .node.primary import PrimaryNode
+
+    image = RawImage.open(args.disk, args.size)
+    lock = lock_image(args.disk)
+    node = PrimaryNode(image, uri=args.secondary, mode=args.mode, block_size=args.block_size,
+                       async_queue=args.async_queue, assume_synced=args.assume_synced,
+                       connect_timeout=args.connect_timeout)
+
+    async def main():
+        # Connect before mounting, so that a secondary of the wrong size is
+        # refused with exit status 2 and nothing mounted.
+        first = None
+        try:
+            with trio.fail_after(args.connect_timeout):
+                first = await node.connect()
+        except ImageError:
+            raise
+        except (RepdiskError, trio.TooSlowError) as e:
+            reason = e if not isinstance(e, trio.TooSlowError) else f"no answer within {args.connect_timeout} s"
+            node.connect_failed(f"cannot connect to secondary {args.secondary}: {reason}")
+
+        def ready():
+            log.info("primary ready: %s (%d bytes) at %s, replicating to %s (%s mode)",
+                     args.disk, image.size, args.mount, args.secondary, args.mode)
+
+        await serve_node(node, args.mount, "repdisk-primary",
+                         services=[functools.partial(node.supervise, first)],
+                         on_ready=ready, shutdown=node.shutdown)
+
+    try:
+        trio.run(main)
+    finally:
+        image.close()
+        os.close(lock)
+    return 0

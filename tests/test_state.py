@@ -1,0 +1,53 @@
+"""The node state machines are pure tables: check every (state, event) pair."""
+
+import errno
+import subprocess
+import sys
+
+import pytest
+
+from repdisk.core.errors import RepdiskError
+from repdisk.node import state as st
+
+SEC_EVENTS = ("connect", "disconnect", "checkpoint", "failover", "commit_done", "commit_failed")
+PRI_EVENTS = ("connected", "connect_failed", "sync_done", "link_failed", "checkpoint", "failover", "reconnect", "connect")
+
+
+@pytest.mark.parametrize("table,why,states,events", [
+    (st.SECONDARY, st.SECONDARY_WHY, st.SECONDARY_STATES, SEC_EVENTS),
+    (st.PRIMARY, st.PRIMARY_WHY, st.PRIMARY_STATES, PRI_EVENTS),
+])
+def test_every_pair_is_a_transition_or_a_clear_error(table, why, states, events):
+    for state in states:
+        for event in events:
+            if (state, event) in table:
+                new, _ = st.transition(table, why, state, event)
+                assert new in states
+            else:
+                with pytest.raises(RepdiskError) as e:
+                    st.transition(table, why, state, event)
+                assert e.value.errno in (errno.EBUSY, errno.EAGAIN)
+                assert str(e.value)
+    # every state in the table is a known state
+    for (state, event), (new, _) in table.items():
+        assert state in states and new in states and event in events
+
+
+def test_user_visible_rules():
+    T = lambda *a: st.transition(*a)  # noqa: E731
+    with pytest.raises(RepdiskError) as e:
+        T(st.PRIMARY, st.PRIMARY_WHY, st.P_SYNCING, "checkpoint")
+    assert e.value.errno == errno.EAGAIN
+    with pytest.raises(RepdiskError) as e:
+        T(st.SECONDARY, st.SECONDARY_WHY, st.S_STANDALONE, "checkpoint")
+    assert e.value.errno == errno.EBUSY
+    assert T(st.SECONDARY, st.SECONDARY_WHY, st.S_REPLICATING, "failover") == (st.S_FAILOVER, "commit")
+    assert T(st.PRIMARY, st.PRIMARY_WHY, st.P_REPLICATING, "link_failed")[0] == st.P_DEGRADED
+
+
+def test_core_imports_no_io_frameworks():
+    """The block core stays pure: importing it pulls in no trio, pyfuse3 or nbd."""
+    code = ("import sys, repdisk.core.stack, repdisk.core.blockdev, repdisk.core.bitmap, repdisk.node.state;"
+            "bad = [m for m in ('trio', 'pyfuse3', 'nbd') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
