@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--assume-synced", action="store_true", help="skip the initial full sync (the images are known identical)")
     pr.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the secondary at start (default 10)")
 
+    pa = sub.add_parser("pair", help="run a primary and a secondary on this machine (tools/run)")
+    pa.add_argument("--root", default=".", help="folder holding state/ and mount/ (default: current)")
+    pa.add_argument("--size", default="1G", help="disk size of new images (default 1G)")
+    pa.add_argument("--mode", choices=("sync", "async"), default="sync")
+
     st = sub.add_parser("status", help="print a node's status (the control file) and exit")
     st.add_argument("mount", help="the node's mount point")
     return p
@@ -95,6 +100,10 @@ def main(argv=None) -> int:
             with open(os.path.join(args.mount, "control")) as f:
                 sys.stdout.write(f.read())
             return 0
+        if args.role == "pair":
+            from .pair import run_pair
+
+            return run_pair(args)
         if args.role == "secondary":
             from .run import run_secondary
 

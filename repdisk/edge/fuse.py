@@ -182,7 +182,10 @@ async def invalidate_disk() -> None:
     """Drop the kernel's cached pages of disk.img (after its content changed
     under readers).  Runs in a thread: the kernel may need our handlers while
     it invalidates."""
-    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, DISK, False)
+    try:
+        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, DISK, False)
+    except FileNotFoundError:
+        pass  # the kernel holds nothing of disk.img: nothing to drop
 
 
 def mount_options(fsname: str) -> set[str]:
@@ -200,6 +203,7 @@ def prepare_mountpoint(path: str) -> None:
 
     try:
         os.stat(path)
+        os.listdir(path)  # a dead FUSE mount may still answer stat from cached attributes
     except FileNotFoundError:
         os.makedirs(path, exist_ok=True)
         return
@@ -209,7 +213,7 @@ def prepare_mountpoint(path: str) -> None:
         log.warning("%s: stale FUSE mount from an earlier run (transport endpoint not connected); unmounting it", path)
         _lazy_unmount(path)
         try:
-            os.stat(path)
+            os.listdir(path)
         except OSError as e2:
             raise ImageError(f"{path}: stale mount could not be cleaned: {e2.strerror}") from None
         return

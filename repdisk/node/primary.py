@@ -313,18 +313,17 @@ class PrimaryNode:
         return s
 
     async def command(self, text: str) -> None:
-        name, args = parse_command(text)
         handlers = {"checkpoint": (self.checkpoint, 0), "failover": (self.failover, 0),
                     "reconnect": (self.reconnect, 0), "connect": (self.connect_to, 1)}
-        if name not in handlers or len(args) != handlers[name][1]:
-            raise UnknownCommand(f"unknown command {text!r}; the primary knows: checkpoint, failover, reconnect, connect URI")
-        handler = handlers[name][0]
-        async with self._lock:
-            try:
-                await handler(*args)
-            except RepdiskError as e:
-                self.error = f"{name}: {e}"
-                raise
+        try:
+            name, args = parse_command(text)
+            if name not in handlers or len(args) != handlers[name][1]:
+                raise UnknownCommand(f"unknown command {text!r}; the primary knows: checkpoint, failover, reconnect, connect URI")
+            async with self._lock:
+                await handlers[name][0](*args)
+        except RepdiskError as e:
+            self.error = str(e)
+            raise
 
     async def checkpoint(self) -> None:
         self._event("checkpoint")

@@ -12,7 +12,7 @@ import time
 
 import trio
 
-from ..core.errors import UnknownCommand
+from ..core.errors import RepdiskError, UnknownCommand
 from ..core.stack import SecondaryStack
 from . import state as st
 from .control import Progress, parse_command
@@ -101,16 +101,16 @@ class SecondaryNode:
         return s
 
     async def command(self, text: str) -> None:
-        name, args = parse_command(text)
-        handler = {"checkpoint": self.checkpoint, "failover": self.failover}.get(name)
-        if handler is None or args:
-            raise UnknownCommand(f"unknown command {text!r}; the secondary knows: checkpoint, failover")
-        async with self._lock:
-            try:
+        try:
+            name, args = parse_command(text)
+            handler = {"checkpoint": self.checkpoint, "failover": self.failover}.get(name)
+            if handler is None or args:
+                raise UnknownCommand(f"unknown command {text!r}; the secondary knows: checkpoint, failover")
+            async with self._lock:
                 await handler()
-            except Exception as e:
-                self.error = f"{name}: {e}"
-                raise
+        except RepdiskError as e:
+            self.error = str(e)
+            raise
 
     async def checkpoint(self) -> None:
         self._event("checkpoint")
