@@ -39,12 +39,17 @@ def run_secondary(args) -> int:
         await trio.to_thread.run_sync(stack.flush)
 
     def ready():
-        log.info("secondary ready: %s (%d bytes) at %s, NBD on %s", args.disk, image.size, args.mount, args.listen)
+        log.info("secondary ready: %s (%d bytes) at %s, NBD on %s", args.disk, image.size, args.mount, node.listen)
+
+    async def nbd_service(task_status=trio.TASK_STATUS_IGNORED):
+        async with trio.open_nursery() as nursery:
+            node.listen = await nursery.start(server.serve, args.listen)  # the bound address
+            task_status.started()
 
     try:
         trio.run(functools.partial(
             serve_node, node, args.mount, "repdisk-secondary",
-            services=[functools.partial(server.serve, args.listen)], on_ready=ready, shutdown=shutdown))
+            services=[nbd_service], on_ready=ready, shutdown=shutdown))
     finally:
         stack.close()
         os.close(lock)

@@ -198,6 +198,7 @@ class PrimaryNode:
             return
         if self.state == st.P_SYNCING:
             self._synced_identity = getattr(link, "description", None)
+            self.sync.finish()
             self._event("sync_done")
             log.info("sync done: %d bytes in %.2f s", self.sync.done, self.sync.elapsed)
 
@@ -224,7 +225,7 @@ class PrimaryNode:
             try:
                 pieces = await trio.to_thread.run_sync(_read_extents, image, start, n)
                 for off, length, data in pieces:
-                    if data is None or is_zero(data):
+                    if data is None:
                         await link.zero(off, length, wait=False)
                     else:
                         await link.write(data, off, wait=False)
@@ -374,11 +375,35 @@ def _read_extents(image: RawImage, start: int, n: int):
     for d0, d1 in image.data_extents(start, end):
         if d0 > pos:
             pieces.append((pos, d0 - pos, None))
-        pieces.append((d0, d1 - d0, image.pread(d0, d1 - d0)))
+        pieces.extend(_split_zeros(d0, image.pread(d0, d1 - d0)))
         pos = d1
     if pos < end:
         pieces.append((pos, end - pos, None))
     return pieces
+
+
+ZERO_GRAIN = 256 << 10
+_ZEROS = bytes(ZERO_GRAIN)
+
+
+def _split_zeros(offset: int, data: bytes):
+    """Cut `data` into runs of zeros (data None) and of other bytes at a
+    256 KiB grain, so that zeros written into an allocated file still travel
+    as WRITE_ZEROES and the replica stays sparse.  Compares in place
+    (bytes.startswith is a memcmp), copies nothing."""
+    runs: list[list] = []  # [offset, length, is_zero]
+    for i in range(0, len(data), ZERO_GRAIN):
+        n = min(ZERO_GRAIN, len(data) - i)
+        zero = (data[i] == 0 and data[i + n - 1] == 0
+                and data.startswith(_ZEROS if n == ZERO_GRAIN else bytes(n), i))
+        if runs and runs[-1][2] == zero:
+            runs[-1][1] += n
+        else:
+            runs.append([i, n, zero])
+    if len(runs) == 1 and not runs[0][2]:
+        return [(offset, len(data), data)]
+    mv = memoryview(data)
+    return [(offset + i, n, None if zero else mv[i : i + n]) for i, n, zero in runs]
 
 
 async def _close_quietly(link) -> None:

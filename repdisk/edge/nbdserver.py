@@ -1,0 +1,723 @@
+"""repdisk's NBD server (trio): serves one BlockDevice to one client at a time.
+
+On the secondary the client is the primary's replica link, the only writer,
+so the server takes one client into the handshake/transmission phase at a
+time and refuses any other with a message saying why.  The node can also
+refuse new clients (`refuse`) and drop the current one (`disconnect`, at
+failover).
+
+Protocol: fixed newstyle handshake (with NO_ZEROES), NBD_OPT_GO / INFO /
+EXPORT_NAME / LIST / ABORT; simple replies only (structured replies, TLS and
+metadata contexts are answered NBD_REP_ERR_UNSUP).  Commands READ, WRITE (FUA:
+write, then flush), FLUSH, TRIM, WRITE_ZEROES, DISC.  The wire format lives in
+nbdwire.
+
+Atomicity (the node relies on it): a connection's requests run one after the
+other in one task.  A WRITE's payload is received completely before anything
+is applied, and each request's device call runs inline, start to end, with no
+await in between; only flush runs in a thread.  So any other task in the event
+loop sees a request either not applied or applied completely.
+
+I/O: each connection reads through one preallocated buffer (a WRITE payload
+goes straight into a reusable buffer), replies are batched while further
+requests have already arrived and sent with one writev, and the socket is
+read and written without a trip through trio's scheduler unless it would
+block (see _Wire).
+
+Errors: a device error (RepdiskError) is replied with its errno through
+nbdwire's one table; any other exception is logged and replied as EIO.  Bytes
+that break the protocol close that one connection (one log line), never the
+server, and never touch the device.
+"""
+
+import logging
+import os
+import socket
+import stat
+
+import trio
+
+from repdisk.core.errors import InvalidArgument, RepdiskError
+
+from . import nbdwire as w
+
+log = logging.getLogger(__name__)
+
+# Receive buffer per connection.  Headers and small payloads are read through
+# it (one recv can bring in several pipelined requests); large payloads are
+# received straight into the payload buffer.
+RECV_BUFFER = 256 << 10
+# Options one connection may send before we stop listening to it.
+MAX_OPTIONS = 64
+# Replies wait in a batch while more requests have already arrived, and go out
+# in one writev before the server would wait for input, or when the batch
+# holds this many bytes or buffers.
+REPLY_BATCH_BYTES = 256 << 10
+REPLY_BATCH_PARTS = 256
+_IOV_MAX = 1024  # buffers per writev (Linux)
+
+# What we announce (no CAN_MULTI_CONN: one client at a time).
+_TRANSMISSION_FLAGS = (
+    w.FLAG_HAS_FLAGS | w.FLAG_SEND_FLUSH | w.FLAG_SEND_FUA | w.FLAG_SEND_TRIM | w.FLAG_SEND_WRITE_ZEROES
+)
+
+# Commands that write: a range past the end is ENOSPC for them, EINVAL for the others.
+_WRITING = frozenset({w.CMD_WRITE, w.CMD_WRITE_ZEROES})
+# Commands whose FUA flag means "flush before replying" (on others it is ignored).
+_DURABLE = frozenset({w.CMD_WRITE, w.CMD_WRITE_ZEROES, w.CMD_TRIM})
+_REQUEST_COUNTERS = ("read", "write", "flush", "trim", "write_zeroes", "disc", "other")
+
+
+class _PeerGone(Exception):
+    """The client closed the connection or it broke."""
+
+
+class _Wire:
+    """One connection's socket I/O, made for a request loop in one task.
+
+    Receiving goes through one preallocated buffer (no allocation or
+    concatenation per read; views it returns are valid until the next call);
+    large payloads are received straight into the caller's buffer.  Sending
+    takes several buffers in one writev.
+
+    The syscalls go to the socket's fd directly and wait through trio only when
+    the kernel has nothing to give (or no room): a request whose bytes have
+    already arrived costs no trip through the scheduler.  So that a client
+    that keeps the socket busy cannot starve the node's other tasks, `fair()`
+    (called once per request) yields after FAIR_REQUESTS requests or
+    FAIR_BYTES bytes moved without a wait.
+    """
+
+    FAIR_REQUESTS = 32
+    FAIR_BYTES = 1 << 20
+
+    def __init__(self, sock: trio.socket.SocketType, size: int = RECV_BUFFER, before_recv=None):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.start = 0  # first unread byte
+        self.end = 0  # end of received bytes
+        # Awaited before waiting for input; returns True if it sent something.
+        self.before_recv = before_recv
+        self.unwaited = 0  # requests since the last trip through the scheduler
+        self.unwaited_bytes = 0  # bytes received and sent since then
+
+    @property
+    def buffered(self) -> int:
+        return self.end - self.start
+
+    def _waited(self) -> None:
+        self.unwaited = self.unwaited_bytes = 0
+
+    async def fair(self) -> None:
+        self.unwaited += 1
+        if self.unwaited >= self.FAIR_REQUESTS or self.unwaited_bytes >= self.FAIR_BYTES:
+            self._waited()
+            await trio.lowlevel.checkpoint()
+
+    async def _recv_into(self, view: memoryview) -> int:
+        while True:
+            try:
+                n = os.readv(self.fd, [view])
+            except BlockingIOError:
+                # Nothing to read: send what waits to be sent, then wait.
+                if self.before_recv is not None and await self.before_recv():
+                    continue
+                self._waited()
+                await trio.lowlevel.wait_readable(self.sock)
+                continue
+            except OSError as e:
+                raise _PeerGone(f"receive failed: {e.strerror or e}") from None
+            if n == 0:
+                raise _PeerGone("connection closed by the client")
+            self.unwaited_bytes += n
+            return n
+
+    async def send(self, *parts) -> None:
+        """Send `parts` in order, in one writev when the socket takes it all."""
+        bufs = [memoryview(p) for p in parts if len(p)]
+        while bufs:
+            try:
+                n = os.writev(self.fd, bufs[:_IOV_MAX])
+            except BlockingIOError:
+                self._waited()
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            except OSError as e:
+                raise _PeerGone(f"send failed: {e.strerror or e}") from None
+            self.unwaited_bytes += n
+            while n:
+                if n >= len(bufs[0]):
+                    n -= len(bufs.pop(0))
+                else:
+                    bufs[0] = bufs[0][n:]
+                    n = 0
+
+    async def _fill(self, need: int) -> None:
+        """Receive until `need` bytes (at most the buffer size) are buffered."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif len(self.buf) - self.start < need:
+            n = self.end - self.start
+            self.view[:n] = self.view[self.start : self.end]
+            self.start, self.end = 0, n
+        while self.end - self.start < need:
+            self.end += await self._recv_into(self.view[self.end :])
+
+    async def exactly(self, n: int) -> memoryview:
+        """The next `n` bytes (n <= buffer size)."""
+        if self.end - self.start < n:
+            await self._fill(n)
+        start = self.start
+        self.start = start + n
+        return self.view[start : start + n]
+
+    async def into(self, dst: memoryview) -> None:
+        """Fill `dst` from the stream: buffered bytes first; what is left comes
+        straight from the socket when it is large, through the buffer when small."""
+        total = len(dst)
+        pos = min(self.end - self.start, total)
+        dst[:pos] = self.view[self.start : self.start + pos]
+        self.start += pos
+        while pos < total:
+            left = total - pos
+            if left >= len(self.buf) // 4:
+                pos += await self._recv_into(dst[pos:])
+            else:
+                await self._fill(left)
+                dst[pos:] = self.view[self.start : self.start + left]
+                self.start += left
+                pos = total
+
+
+class _Slot:
+    """The one client allowed in the handshake/transmission phase."""
+
+    def __init__(self, peer: str):
+        self.peer = peer
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.disconnecting = False
+
+
+class NbdServer:
+    """Serves `device` (a repdisk.core.blockdev.BlockDevice) over NBD.
+
+    on_connect(peer) is called when a client enters the transmission phase;
+    on_disconnect(peer, error) when that connection ends, with error None after
+    a clean NBD_CMD_DISC and a one-line reason otherwise.  Both are plain
+    callables, called in the trio thread; an exception from them is logged.
+
+    pwrite gets a memoryview into a buffer that is reused for the next request:
+    a device that keeps the data past the call must copy it.
+    """
+
+    # A client must finish the handshake within this many seconds.
+    handshake_timeout = 30.0
+
+    def __init__(self, device, *, export_name: str = "", description: str = "", on_connect=None, on_disconnect=None):
+        self.device = device
+        self.export_name = export_name
+        self.description = description
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.peer: str | None = None
+        self._reason: str | None = None
+        self._slot: _Slot | None = None
+        self._counters = {
+            "connections": 0,
+            "refused": 0,
+            "protocol_errors": 0,
+            "timeouts": 0,
+            "error_replies": 0,
+            "bytes_read": 0,
+            "bytes_written": 0,
+        }
+        self._requests = dict.fromkeys(_REQUEST_COUNTERS, 0)
+        self._next_id = 0
+
+    # ---- control (called by the node) ---------------------------------------------
+
+    def refuse(self, reason: str | None) -> None:
+        """While `reason` is set, clients in the handshake get NBD_REP_ERR_POLICY
+        with `reason` as the message and cannot enter transmission.  The client
+        already in transmission (if any) is not touched: see `disconnect`."""
+        self._reason = reason
+
+    async def disconnect(self) -> None:
+        """Close the current client's connection (handshake or transmission) and
+        return once its handler has ended.  No-op without a client."""
+        slot = self._slot
+        if slot is None:
+            return
+        slot.disconnecting = True
+        slot.scope.cancel()
+        await slot.done.wait()
+
+    def statistics(self) -> dict:
+        """Counters since start: connections accepted, refused, closed for
+        protocol errors or handshake timeouts, error replies, requests by type,
+        bytes read from / written to the device by clients; and the peer."""
+        stats = dict(self._counters)
+        stats["requests"] = dict(self._requests)
+        stats["peer"] = self.peer
+        return stats
+
+    # ---- listening ----------------------------------------------------------------
+
+    async def serve(self, listen: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on "HOST:PORT" (TCP, port 0 picks one) or "unix:PATH" and
+        serve until cancelled; cancelling closes every connection.
+        task_status.started() gets the address actually listened on."""
+        unix_path = None
+        if listen.startswith("unix:"):
+            unix_path = listen[len("unix:") :]
+            listener, address, created = await self._listen_unix(unix_path)
+            listeners = [listener]
+        else:
+            listeners, address = await self._listen_tcp(listen)
+        log.info("NBD server listening on %s (export %r, %d bytes)", address, self.export_name, self.device.size)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(trio.serve_listeners, self._handle, listeners)
+                task_status.started(address)
+        finally:
+            if unix_path is not None:
+                _remove_socket(unix_path, created)
+
+    async def _listen_tcp(self, listen: str) -> tuple[list[trio.SocketListener], str]:
+        host, sep, port_text = listen.rpartition(":")
+        if not sep or not port_text.isdigit() or int(port_text) > 65535:
+            raise InvalidArgument(f"cannot read NBD listen address {listen!r}: use HOST:PORT or unix:PATH")
+        port = int(port_text)
+        listeners = await trio.open_tcp_listeners(port, host=host.strip("[]") or None)
+        if port == 0:
+            # Each address would get a port of its own: keep the first address only.
+            for extra in listeners[1:]:
+                await extra.aclose()
+            listeners = listeners[:1]
+        return listeners, _address_text(listeners[0].socket.getsockname())
+
+    async def _listen_unix(self, path: str) -> tuple[trio.SocketListener, str, tuple[int, int]]:
+        if not path:
+            raise InvalidArgument("NBD listen address 'unix:' needs a path")
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it")
+            os.unlink(path)  # a stale socket from an earlier run
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            sock.listen(16)
+            st = os.stat(path)
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketListener(sock), f"unix:{path}", (st.st_dev, st.st_ino)
+
+    # ---- one connection --------------------------------------------------------------
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self._next_id += 1
+        self._counters["connections"] += 1
+        peer = _peer_text(stream.socket, self._next_id)
+        refusal = self._reason
+        if refusal is None and self._slot is not None:
+            refusal = (
+                f"another NBD client ({self._slot.peer}) is connected; "
+                "this server takes one client at a time (the primary is the only writer)"
+            )
+        slot = None
+        if refusal is None:
+            slot = self._slot = _Slot(peer)
+        else:
+            self._counters["refused"] += 1
+            log.info("NBD client %s refused: %s", peer, refusal)
+        session = _Session(self, stream, peer, refusal)
+        try:
+            async with stream:
+                if slot is None:
+                    await session.run()
+                else:
+                    with slot.scope:
+                        await session.run()
+        except BaseException as e:
+            session.ended(e)
+            if not isinstance(e, Exception):
+                raise  # Cancelled (server shutdown) and KeyboardInterrupt go on
+        else:
+            session.ended(None)
+        finally:
+            if slot is not None:
+                if slot.disconnecting and session.error is None:
+                    session.error = "disconnected by the server"
+                self._end_slot(slot, session)
+
+    def _end_slot(self, slot: _Slot, session: "_Session") -> None:
+        if self._slot is slot:
+            self._slot = None
+        if session.transmitting:
+            self.peer = None
+            if session.error is None:
+                log.info("NBD client %s disconnected", slot.peer)
+            else:
+                log.info("NBD client %s disconnected: %s", slot.peer, session.error)
+            if self.on_disconnect is not None:
+                try:
+                    self.on_disconnect(slot.peer, session.error)
+                except Exception:
+                    log.exception("on_disconnect(%s) failed", slot.peer)
+        slot.done.set()
+
+    def _entered_transmission(self, peer: str) -> None:
+        self.peer = peer
+        log.info("NBD client %s connected", peer)
+        if self.on_connect is not None:
+            try:
+                self.on_connect(peer)
+            except Exception:
+                log.exception("on_connect(%s) failed", peer)
+
+
+class _Session:
+    """The protocol for one connection: handshake, then transmission."""
+
+    def __init__(self, server: NbdServer, stream: trio.SocketStream, peer: str, refusal: str | None):
+        self.server = server
+        self.device = server.device
+        self.sock = stream.socket
+        self.wire = _Wire(self.sock, max(RECV_BUFFER, w.OPTION_HEADER.size + w.MAX_OPTION), self._drain)
+        self.peer = peer
+        self.refusal = refusal  # set when this connection was refused at accept
+        self.no_zeroes = False
+        self.transmitting = False
+        self.error: str | None = None
+        self.payload = bytearray(0)
+        self.out: list = []  # replies not sent yet
+        self.out_bytes = 0
+        self.counters = server._counters
+        self.requests = server._requests
+
+    async def run(self) -> None:
+        with trio.move_on_after(self.server.handshake_timeout) as deadline:
+            try:
+                go = await self.handshake()
+            except _PeerGone as e:
+                raise _PeerGone(f"{e} during the handshake") from None
+        if deadline.cancelled_caught:
+            self.counters["timeouts"] += 1
+            self.error = f"handshake not finished within {self.server.handshake_timeout:g} s"
+            log.warning("NBD client %s: %s; closing the connection", self.peer, self.error)
+            return
+        if go:
+            self.transmitting = True
+            self.server._entered_transmission(self.peer)
+            await self.transmission()
+
+    def ended(self, exc: BaseException | None) -> None:
+        """Record how the connection ended (one log line for a broken one)."""
+        if exc is None:
+            return
+        if isinstance(exc, w.ProtocolError):
+            self.counters["protocol_errors"] += 1
+            self.error = f"protocol error: {exc}"
+            log.warning("NBD client %s: %s; closing the connection", self.peer, self.error)
+        elif isinstance(exc, _PeerGone):
+            self.error = str(exc)
+            # Clients that give up in the handshake (refused, probing) are normal.
+            log.log(logging.WARNING if self.transmitting else logging.INFO, "NBD client %s: %s", self.peer, self.error)
+        elif isinstance(exc, trio.Cancelled):
+            if self.error is None:
+                self.error = "server shutting down"
+        elif isinstance(exc, Exception):
+            self.error = f"internal error: {exc!r}"
+            log.error("NBD client %s: internal error; closing the connection", self.peer, exc_info=exc)
+        else:
+            self.error = f"{type(exc).__name__}"
+
+    # ---- handshake ---------------------------------------------------------------------
+
+    def _refusal(self) -> str | None:
+        return self.refusal if self.refusal is not None else self.server._reason
+
+    async def handshake(self) -> bool:
+        """Option haggling; True to enter transmission, False to close."""
+        await self.wire.send(w.greeting())
+        (flags,) = w.CLIENT_FLAGS.unpack(await self.wire.exactly(w.CLIENT_FLAGS.size))
+        if flags & ~w.CLIENT_FLAGS_KNOWN:
+            raise w.ProtocolError(f"unknown client flags {flags:#x}")
+        self.no_zeroes = bool(flags & w.FLAG_C_NO_ZEROES)
+        for _ in range(MAX_OPTIONS):
+            option, length = w.parse_option_header(await self.wire.exactly(w.OPTION_HEADER.size))
+            data = bytes(await self.wire.exactly(length))
+            if option == w.OPT_ABORT:
+                try:
+                    await self.wire.send(w.option_reply(option, w.REP_ACK))
+                except _PeerGone:
+                    pass  # clients may close without waiting for the ACK
+                return False
+            if option == w.OPT_EXPORT_NAME:
+                return await self._export_name(data)
+            refusal = self._refusal()
+            if refusal is not None:
+                await self.wire.send(w.option_error(option, w.REP_ERR_POLICY, refusal))
+                continue
+            handler = self._OPTIONS.get(option)
+            if handler is None:
+                reply = w.option_error(option, w.REP_ERR_UNSUP, f"option {w.option_name(option)} is not supported")
+                await self.wire.send(reply)
+            elif await handler(self, option, data):
+                return True
+        raise w.ProtocolError(f"more than {MAX_OPTIONS} options without entering transmission")
+
+    def _known_export(self, name: str) -> bool:
+        return name in ("", self.server.export_name)
+
+    async def _export_name(self, data: bytes) -> bool:
+        """NBD_OPT_EXPORT_NAME cannot be answered with an error: on refusal or an
+        unknown name the spec says to hang up."""
+        refusal = self._refusal()
+        name = w.decode_name(data)
+        if refusal is not None:
+            log.info("NBD client %s: NBD_OPT_EXPORT_NAME refused (%s); closing the connection", self.peer, refusal)
+            self.error = refusal
+            return False
+        if name is None or not self._known_export(name):
+            self.error = f"unknown export {bytes(data)[:100]!r} in NBD_OPT_EXPORT_NAME"
+            log.warning("NBD client %s: %s; closing the connection", self.peer, self.error)
+            return False
+        await self.wire.send(w.export_name_reply(self.device.size, _TRANSMISSION_FLAGS, self.no_zeroes))
+        return True
+
+    async def _opt_list(self, option: int, data: bytes) -> bool:
+        if data:
+            await self.wire.send(w.option_error(option, w.REP_ERR_INVALID, "NBD_OPT_LIST takes no data"))
+            return False
+        server = w.option_reply(option, w.REP_SERVER, w.server_entry(self.server.export_name, self.server.description))
+        await self.wire.send(server, w.option_reply(option, w.REP_ACK))
+        return False
+
+    async def _opt_info_go(self, option: int, data: bytes) -> bool:
+        request = w.parse_info_request(data)
+        if request is None:
+            reply = w.option_error(option, w.REP_ERR_INVALID, f"malformed NBD_OPT_{w.option_name(option)} request")
+            await self.wire.send(reply)
+            return False
+        name, wanted = request
+        if not self._known_export(name):
+            message = f"no export named {name!r} (this server exports {self.server.export_name!r})"
+            await self.wire.send(w.option_error(option, w.REP_ERR_UNKNOWN, message))
+            return False
+        dev = self.device
+        infos = [
+            w.info_export(dev.size, _TRANSMISSION_FLAGS),
+            w.info_block_size(dev.min_block, dev.preferred_block, w.MAX_REQUEST),
+        ]
+        if w.INFO_NAME in wanted:
+            infos.append(w.info_string(w.INFO_NAME, self.server.export_name))
+        if w.INFO_DESCRIPTION in wanted and self.server.description:
+            infos.append(w.info_string(w.INFO_DESCRIPTION, self.server.description))
+        replies = [w.option_reply(option, w.REP_INFO, info) for info in infos]
+        replies.append(w.option_reply(option, w.REP_ACK))
+        await self.wire.send(*replies)
+        return option == w.OPT_GO
+
+    _OPTIONS = {w.OPT_LIST: _opt_list, w.OPT_INFO: _opt_info_go, w.OPT_GO: _opt_info_go}
+
+    # ---- transmission ----------------------------------------------------------------
+
+    async def transmission(self) -> None:
+        try:
+            await self._serve_requests()
+        except w.ProtocolError:
+            # Replies to what was applied before the garbage still go out.
+            with trio.move_on_after(1):
+                try:
+                    await self._drain()
+                except _PeerGone:
+                    pass
+            raise
+
+    async def _serve_requests(self) -> None:
+        wire = self.wire
+        size = self.device.size
+        min_block = self.device.min_block
+        while True:
+            await wire.fair()
+            try:
+                header = await wire.exactly(w.REQUEST.size)
+            except _PeerGone as e:
+                # Between requests an end of stream is a hang-up, not a truncated frame.
+                raise _PeerGone(f"{e} {'mid-request' if wire.buffered else 'without NBD_CMD_DISC'}") from None
+            magic, flags, cmd, handle, offset, length = w.REQUEST.unpack(header)
+            if magic != w.REQUEST_MAGIC:
+                raise w.ProtocolError(f"bad request magic {magic:#010x}")
+            payload = None
+            if cmd == w.CMD_WRITE:
+                if length > w.MAX_REQUEST:
+                    raise w.ProtocolError(f"write of {length} bytes (limit {w.MAX_REQUEST})")
+                payload = self._payload(length)
+                await self._mid_request(wire.into(payload))
+            if cmd == w.CMD_DISC:
+                self.requests["disc"] += 1
+                await self._drain()
+                return
+            apply = self._COMMANDS.get(cmd)
+            if apply is None:
+                self.requests["other"] += 1
+                log.debug("NBD client %s: unknown %s", self.peer, w.command_name(cmd))
+                await self._reply(w.NBD_EINVAL, handle)
+                continue
+            self.requests[w.CMD_NAMES[cmd]] += 1
+            # Checks the spec asks for, answered before the device sees anything.
+            if flags & ~w.CMD_FLAGS_ALLOWED[cmd]:
+                await self._reply(w.NBD_EINVAL, handle)
+                continue
+            if cmd != w.CMD_FLUSH:
+                if offset + length > size or (cmd == w.CMD_READ and length > w.MAX_REQUEST):
+                    await self._reply(w.NBD_ENOSPC if cmd in _WRITING else w.NBD_EINVAL, handle)
+                    continue
+                if min_block > 1 and (offset | length) % min_block:
+                    await self._reply(w.NBD_EINVAL, handle)
+                    continue
+            await self._execute(apply, cmd, handle, flags, offset, length, payload)
+
+    async def _mid_request(self, awaitable):
+        try:
+            return await awaitable
+        except _PeerGone as e:
+            raise _PeerGone(f"{e} mid-request") from None
+
+    def _payload(self, length: int) -> memoryview:
+        """A view of `length` bytes of the connection's reusable write buffer."""
+        if len(self.payload) < length:
+            self.payload = bytearray(max(length, 1 << 20))
+        return memoryview(self.payload)[:length]
+
+    async def _reply(self, error: int, handle: int, data=None) -> None:
+        """Queue a reply; it is sent with the batch (see REPLY_BATCH_BYTES)."""
+        if error:
+            self.counters["error_replies"] += 1
+        self.out.append(w.simple_reply(error, handle))
+        self.out_bytes += w.SIMPLE_REPLY.size
+        if data is not None:
+            self.out.append(data)
+            self.out_bytes += len(data)
+        if self.out_bytes >= REPLY_BATCH_BYTES or len(self.out) >= REPLY_BATCH_PARTS:
+            await self._drain()
+
+    async def _drain(self) -> bool:
+        """Send the queued replies in one writev; False if there were none."""
+        if not self.out:
+            return False
+        out, self.out, self.out_bytes = self.out, [], 0
+        await self.wire.send(*out)
+        return True
+
+    def _failed(self, exc: Exception, cmd: int, offset: int, length: int) -> int:
+        """The NBD error for a device exception: RepdiskError through its errno,
+        anything else is logged and is EIO."""
+        if isinstance(exc, RepdiskError):
+            log.debug("NBD %s at %d+%d failed: %s", w.command_name(cmd), offset, length, exc)
+            return w.nbd_error(exc.errno)
+        log.error(
+            "NBD %s at %d+%d from %s failed unexpectedly; replying EIO",
+            w.command_name(cmd),
+            offset,
+            length,
+            self.peer,
+            exc_info=exc,
+        )
+        return w.NBD_EIO
+
+    async def _flush(self) -> int:
+        await self._drain()  # the replies so far need not wait for the fsync
+        try:
+            await trio.to_thread.run_sync(self.device.flush)
+        except Exception as e:
+            return self._failed(e, w.CMD_FLUSH, 0, 0)
+        return 0
+
+    # Each command is a plain function that calls the device inline: it runs
+    # start to end without an await, so the event loop's other tasks see the
+    # request either not applied or applied completely.  Durability (FLUSH, FUA
+    # on writing commands) comes afterwards, in a thread, before the reply.
+
+    def _read(self, offset: int, length: int, payload):
+        data = self.device.pread(offset, length)
+        if len(data) != length:  # would put the stream out of step
+            raise RuntimeError(f"device returned {len(data)} bytes for a read of {length}")
+        self.counters["bytes_read"] += length
+        return data
+
+    def _write(self, offset: int, length: int, payload):
+        self.device.pwrite(payload, offset)
+        self.counters["bytes_written"] += length
+
+    def _zero(self, offset: int, length: int, payload):
+        # NO_HOLE needs nothing special: the range reads as zeros either way.
+        self.device.zero(offset, length)
+
+    def _trim(self, offset: int, length: int, payload):
+        self.device.trim(offset, length)
+
+    def _nothing(self, offset: int, length: int, payload):
+        pass
+
+    _COMMANDS = {
+        w.CMD_READ: _read,
+        w.CMD_WRITE: _write,
+        w.CMD_FLUSH: _nothing,
+        w.CMD_TRIM: _trim,
+        w.CMD_WRITE_ZEROES: _zero,
+    }
+
+    async def _execute(self, apply, cmd: int, handle: int, flags: int, offset: int, length: int, payload) -> None:
+        try:
+            data = apply(self, offset, length, payload)
+        except Exception as e:
+            await self._reply(self._failed(e, cmd, offset, length), handle)
+            return
+        error = 0
+        if cmd == w.CMD_FLUSH or (flags & w.CMD_FLAG_FUA and cmd in _DURABLE):
+            error = await self._flush()
+        await self._reply(error, handle, data)
+
+
+# ---- addresses ---------------------------------------------------------------------
+
+
+def _address_text(sockname) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _peer_text(sock: trio.socket.SocketType, conn_id: int) -> str:
+    try:
+        name = sock.getpeername()
+    except OSError:
+        name = None
+    if sock.family == socket.AF_UNIX:
+        try:
+            path = sock.getsockname()
+        except OSError:
+            path = ""
+        return f"unix:{path}#{conn_id}"
+    if isinstance(name, tuple):
+        return _address_text(name)
+    return f"connection #{conn_id}"
+
+
+def _remove_socket(path: str, created: tuple[int, int]) -> None:
+    """Remove our unix socket file, unless another server replaced it since."""
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == created:
+            os.unlink(path)
+    except OSError:
+        pass

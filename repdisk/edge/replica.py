@@ -1,0 +1,914 @@
+"""The replica link: one libnbd handle to the secondary, driven by trio, with
+many requests in flight.
+
+Only this module touches `nbd.Error`; everything that goes wrong leaves it as a
+ReplicaError carrying libnbd's message and errno.
+
+How the handle is driven
+------------------------
+libnbd is used through its aio API only.  Requests are issued with
+aio_pwrite/aio_zero/aio_trim/aio_flush/aio_pread, each with a completion
+callback that just appends (request, errno) to a list; the list is processed
+after the libnbd call returns (libnbd must not be re-entered from its own
+callbacks).  run() owns two tasks:
+
+- the reader waits until the socket is readable, then calls aio_notify_read()
+  and keeps calling it while the socket stays readable (libnbd consumes about
+  one reply per notification).  It never notifies when the socket is not
+  readable: that would park the handle in its reply state and every request
+  issued afterwards would be queued but never sent.
+- the writer sleeps until libnbd has output it could not send without
+  blocking (aio_get_direction() has the WRITE bit after an aio_* call or a
+  read notification), then waits until the socket is writable and calls
+  aio_notify_write() until the output is gone.
+
+Ordering and flow control
+-------------------------
+NBD servers may run concurrent requests in any order, so a write/zero/trim
+(or read) whose range overlaps a request that is still outstanding is held
+back until that request completed: FIFO among overlapping requests,
+non-overlapping ones pass freely.  Overlaps are found through an index of
+1 MiB stripes, so a request costs a dict lookup or two, not a scan.
+
+A request is admitted when fewer than max_requests requests and at most
+max_bytes payload bytes (write data and read buffers) are outstanding;
+"outstanding" counts requests held back by an overlap too, so memory stays
+bounded.  Admission is FIFO.  Requests larger than the chunk size (4 MiB, or
+the server's maximum block size if smaller) are split into chunks, each its
+own request; zero and trim are split at 1 GiB.  A request larger than
+max_bytes is admitted when nothing else is outstanding.
+
+Failures
+--------
+Any error ends the link: a lost connection, a protocol error, or an error
+reply to any request.  `failed` is set, on_failure is called for the range of
+every write/zero/trim not known to have succeeded (in flight, held back,
+waiting for admission), every waiter wakes up with a ReplicaError, and run()
+returns.  After that every call raises at once (write/zero/trim still report
+their range to on_failure first).  The node resynchronises those ranges
+later, so reporting too much is safe and reporting too little is not.
+Requests still outstanding when close() gives up waiting, and a write whose
+caller is cancelled while it waits for admission, are reported too; a run()
+cancelled from outside fails the link ("stopped").
+
+Servers without FUA get a flush after a fua=True write (the write counts once
+the flush succeeded); without WRITE_ZEROES, zero() sends zeros; without TRIM,
+trim() sends WRITE_ZEROES.
+"""
+
+import collections
+import errno as _errno
+import logging
+import os
+import re
+import select
+
+import nbd
+import trio
+
+from ..core.errors import RepdiskError
+
+log = logging.getLogger(__name__)
+
+_READ_DIR = nbd.AIO_DIRECTION_READ
+_WRITE_DIR = nbd.AIO_DIRECTION_WRITE
+_FUA = nbd.CMD_FLAG_FUA
+
+CHUNK = 4 << 20  # the largest write/read sent as one NBD request
+ZERO_CHUNK = 1 << 30  # the largest zero/trim sent as one NBD request
+DEFAULT_MAX_BLOCK = 32 << 20  # NBD's default maximum payload when the server says nothing
+_STRIPE_SHIFT = 20  # the overlap index groups requests by 1 MiB stripe
+
+_WRITE, _ZERO, _TRIM, _FLUSH, _READ = "write", "zero", "trim", "flush", "read"
+_KINDS = (_WRITE, _ZERO, _TRIM, _FLUSH, _READ)
+_RANGED = frozenset((_WRITE, _ZERO, _TRIM))  # reported to on_failure
+
+_NBD_PREFIX = re.compile(r"^nbd_\w+: ")
+
+
+class ReplicaError(RepdiskError):
+    """The replica link failed; the message says what and why."""
+
+    def __init__(self, message: str, errnum: int | None = None):
+        super().__init__(message)
+        self.errno = errnum or _errno.EIO
+
+
+def _nbd_message(e: "nbd.Error") -> str:
+    """libnbd's message without the "nbd_aio_notify_read: " prefix."""
+    return _NBD_PREFIX.sub("", e.string or str(e))
+
+
+def _errname(err: int) -> str:
+    return f"{_errno.errorcode.get(err, 'errno ' + str(err))} ({os.strerror(err)})"
+
+
+class _Counters:
+    __slots__ = ("submitted", "submitted_bytes", "completed", "completed_bytes", "failed")
+
+    def __init__(self):
+        self.submitted = self.submitted_bytes = self.completed = self.completed_bytes = self.failed = 0
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class _Req:
+    """One NBD request, from admission until its reply (or the link's end)."""
+
+    __slots__ = (
+        "link", "op", "ctr", "offset", "length", "buf", "nbytes", "flags", "then_flush",
+        "seq", "first", "last", "pending", "dependents", "task", "done", "error",
+    )
+
+    def __init__(self, link, op, ctr, offset, length, buf, nbytes, flags=0):
+        self.link = link
+        self.op = op
+        self.ctr = ctr
+        self.offset = offset
+        self.length = length
+        self.buf = buf  # write: the caller's data; read: where the reply goes
+        self.nbytes = nbytes  # payload bytes held while outstanding
+        self.flags = flags
+        self.then_flush = False  # FUA emulated by a flush after the write
+        self.seq = 0
+        self.first = self.last = -1  # stripes in the overlap index; -1: not indexed
+        self.pending = 0  # outstanding overlapping requests that came earlier
+        self.dependents = None  # later overlapping requests held back by this one
+        self.task = None  # a task parked in wait=True
+        self.done = False
+        self.error = None
+
+    def reply(self, err) -> int:
+        # Completion callback, called from inside libnbd: record and return.
+        # Returning 1 retires the command (and releases our buffer view).
+        self.link._replies.append((self, err.value))
+        return 1
+
+
+class ReplicaLink:
+    def __init__(self, uri: str, *, max_requests: int = 64, max_bytes: int = 64 << 20):
+        if max_requests < 1 or max_bytes < 1:
+            raise ValueError("max_requests and max_bytes must be positive")
+        self.uri = uri
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.description = None
+        self.on_failure = None
+        self.failed = None
+
+        self._h = None
+        self._fd = -1
+        self._poll = None
+        self._can_fua = self._can_flush = self._can_zero = self._can_trim = False
+        self._chunk = CHUNK
+        self._zero_buf = None
+
+        self._seq = 0
+        self._active = {}  # seq -> _Req, oldest first: admitted, not completed
+        self._stripes = {}  # stripe -> [_Req] of the active ranged requests
+        self._nreq = 0  # admitted requests (reserved capacity)
+        self._nbytes = 0  # their payload bytes
+        self._sent = 0  # requests handed to libnbd, not yet answered
+        self._admit_q = collections.deque()  # [task, _Req, admitted] waiting for capacity
+        self._cond_waiters = []  # [predicate, task] for flush/drain/close
+        self._replies = []  # (req, errno) appended by completion callbacks
+
+        self._closing = False  # close() was called: new calls are refused
+        self._refuse = True  # not connected, failed or closing: entry points take the slow path
+        self._running = False
+        self._run_scope = None
+        self._run_done = trio.Event()
+        self._want_write = trio.Event()  # wakes the writer
+        self._reader_kick = trio.Event()  # wakes a reader that waits for a direction change
+
+        self._ctr = {k: _Counters() for k in _KINDS}
+        self._wctr = self._ctr[_WRITE]
+        self._max_depth = 0
+        self._max_outstanding = 0
+        self._max_inflight_bytes = 0
+        self._held_back = 0
+        self._failures = 0
+
+    # -- properties and statistics -------------------------------------------
+
+    @property
+    def inflight_requests(self) -> int:
+        """Requests admitted and not completed (including those held back by an
+        overlapping earlier request)."""
+        return self._nreq
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Payload bytes (write data, read buffers) of those requests."""
+        return self._nbytes
+
+    def statistics(self) -> dict:
+        stats = {k: c.as_dict() for k, c in self._ctr.items()}
+        stats.update(
+            inflight_requests=self._nreq,
+            inflight_bytes=self._nbytes,
+            sent_requests=self._sent,
+            waiting_for_admission=len(self._admit_q),
+            max_depth=self._max_depth,  # most requests at the server at once
+            max_outstanding=self._max_outstanding,  # most admitted at once
+            max_inflight_bytes=self._max_inflight_bytes,
+            held_back=self._held_back,  # requests that waited for an overlapping one
+            failures=self._failures,  # requests reported to on_failure
+            failed=str(self.failed) if self.failed is not None else None,
+        )
+        return stats
+
+    # -- connecting -----------------------------------------------------------
+
+    async def connect(self, *, timeout: float | None = 30.0) -> None:
+        """Connect and negotiate (NBD URI: nbd://host:port/export,
+        nbd+unix:///export?socket=PATH).  The TCP name lookup, if the URI names
+        a host rather than an address, happens inside libnbd and blocks."""
+        if self._h is not None or self.failed is not None or self._closing:
+            raise ReplicaError(f"replica link to {self.uri}: connect() called twice", _errno.EISCONN)
+        h = nbd.NBD()
+        error = None
+        try:
+            h.set_full_info(True)
+            h.set_pread_initialize(False)  # we never look at a failed read's buffer
+            with trio.fail_after(timeout if timeout is not None else float("inf")):
+                h.aio_connect_uri(self.uri)
+                await self._drive_handshake(h)
+            self._setup(h)
+        except nbd.Error as e:
+            error = ReplicaError(f"cannot connect to {self.uri}: {_nbd_message(e)}", e.errnum)
+        except trio.TooSlowError:
+            error = ReplicaError(
+                f"cannot connect to {self.uri}: no answer within {timeout} s ({h.connection_state()})",
+                _errno.ETIMEDOUT,
+            )
+        if error is not None:
+            # Raised outside the except clause so that no traceback keeps the
+            # handle (and its socket) alive: dropping the last reference closes it.
+            del h
+            raise error
+
+    @staticmethod
+    async def _drive_handshake(h) -> None:
+        while not h.aio_is_ready():
+            if h.aio_is_dead() or h.aio_is_closed():
+                raise ReplicaError(f"connection ended during the handshake ({h.connection_state()})", _errno.ECONNRESET)
+            fd = h.aio_get_fd()  # may change while libnbd tries several addresses
+            d = h.aio_get_direction()
+            if d & _READ_DIR and d & _WRITE_DIR:
+                readable = await _wait_either(fd)
+            elif d & _READ_DIR:
+                await trio.lowlevel.wait_readable(fd)
+                readable = True
+            elif d & _WRITE_DIR:
+                await trio.lowlevel.wait_writable(fd)
+                readable = False
+            else:
+                raise ReplicaError(f"handshake stalled ({h.connection_state()})", _errno.EPROTO)
+            if readable:
+                h.aio_notify_read()
+            else:
+                h.aio_notify_write()
+
+    def _setup(self, h) -> None:
+        self.size = h.get_size()
+        try:
+            self.description = h.get_export_description()
+        except nbd.Error:
+            self.description = None
+        max_block = h.get_block_size(nbd.SIZE_MAXIMUM) or DEFAULT_MAX_BLOCK
+        self._chunk = max(1, min(CHUNK, max_block))
+        self._can_fua = bool(h.can_fua())
+        self._can_flush = bool(h.can_flush())
+        self._can_zero = bool(h.can_zero())
+        self._can_trim = bool(h.can_trim())
+        self._fd = h.aio_get_fd()
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+        self._h = h
+        self._refuse = self._closing
+        log.info(
+            "replica link connected to %s: %d bytes, chunk %d, fua=%s flush=%s zero=%s trim=%s structured=%s",
+            self.uri, self.size, self._chunk, self._can_fua, self._can_flush, self._can_zero,
+            self._can_trim, bool(h.get_structured_replies_negotiated()),
+        )
+        min_block = h.get_block_size(nbd.SIZE_MINIMUM)
+        if min_block > 1:
+            # libnbd (strict mode) refuses unaligned requests: one would fail the link.
+            log.warning("%s wants requests aligned to %d bytes", self.uri, min_block)
+        if not self._can_zero:
+            log.warning("%s cannot write zeroes: zero() writes a buffer of zeros", self.uri)
+        if not self._can_trim:
+            log.warning("%s cannot trim: trim() zeroes instead", self.uri)
+
+    # -- the event loop -------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Drive the handle until close() or the link's failure; then return."""
+        if self._h is None:
+            raise ReplicaError(f"replica link to {self.uri}: run() before connect()", _errno.ENOTCONN)
+        if self._running or self._run_done.is_set():
+            raise ReplicaError(f"replica link to {self.uri}: run() called twice", _errno.EBUSY)
+        self._running = True
+        try:
+            async with trio.open_nursery() as nursery:
+                self._run_scope = nursery.cancel_scope
+                if self._dead():
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                task_status.started()
+        finally:
+            self._running = False
+            self._run_scope = None
+            if self.failed is None and not self._closing:
+                # Cancelled from outside: nobody will drive the handle any more.
+                self._fail(ReplicaError(f"replica link to {self.uri} stopped", _errno.ESHUTDOWN), logging.INFO)
+            self._release_handle()
+            self._run_done.set()
+
+    async def _reader(self) -> None:
+        h = self._h
+        fd = self._fd
+        poll = self._poll.poll
+        wait_readable = trio.lowlevel.wait_readable
+        while True:
+            await wait_readable(fd)
+            try:
+                # About one reply per notification: keep going while the socket
+                # stays readable (never when it is not, see the module doc),
+                # then handle the replies in one batch.
+                for _ in range(64):
+                    if not h.aio_get_direction() & _READ_DIR:
+                        break
+                    h.aio_notify_read()
+                    if not poll(0):
+                        break
+                if self._replies:
+                    self._process_replies()
+                d = h.aio_get_direction()
+            except nbd.Error as e:
+                self._fail(ReplicaError(f"connection to {self.uri} lost: {_nbd_message(e)}", e.errnum))
+                return
+            if self._dead():
+                return
+            if d & _WRITE_DIR:
+                self._want_write.set()
+            if not d & _READ_DIR:
+                if self._stopped_by_peer(h):
+                    return
+                # Nothing to read in this state: wait until the writer moved on.
+                self._reader_kick = trio.Event()
+                await self._reader_kick.wait()
+
+    async def _writer(self) -> None:
+        h = self._h
+        fd = self._fd
+        while True:
+            await self._want_write.wait()
+            self._want_write = trio.Event()
+            try:
+                while h.aio_get_direction() & _WRITE_DIR:
+                    await trio.lowlevel.wait_writable(fd)
+                    h.aio_notify_write()
+                    if self._replies:
+                        self._process_replies()
+                    if self._dead():
+                        return
+            except nbd.Error as e:
+                self._fail(ReplicaError(f"connection to {self.uri} lost: {_nbd_message(e)}", e.errnum))
+                return
+            self._reader_kick.set()
+            if self._stopped_by_peer(h):
+                return
+
+    def _stopped_by_peer(self, h) -> bool:
+        """After aio_disconnect the handle ends up closed: stop run().  A handle
+        that died without raising is a lost connection."""
+        if h.aio_is_closed():
+            if not self._closing:
+                self._fail(ReplicaError(f"connection to {self.uri} closed", _errno.ECONNRESET))
+            self._stop_run()
+            return True
+        if h.aio_is_dead():
+            self._fail(ReplicaError(f"connection to {self.uri} lost ({h.connection_state()})", _errno.ECONNRESET))
+            return True
+        return False
+
+    def _stop_run(self) -> None:
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+
+    def _release_handle(self) -> None:
+        # nbd.NBD has no close() in libnbd 1.14: the handle (and its socket) is
+        # closed when the last reference goes; this is the only one left.
+        self._h = None
+        self._poll = None
+        self._replies.clear()
+
+    def _dead(self) -> bool:
+        """No more requests can be sent."""
+        return self.failed is not None or self._h is None
+
+    # -- requests -------------------------------------------------------------
+    #
+    # The hot path (a write of at most one chunk with capacity to spare) is
+    # synchronous from admission to aio_pwrite: no await, no coroutine layer.
+
+    async def write(self, buf, offset: int, *, fua: bool = False, wait: bool = True) -> None:
+        """buf: bytes or any buffer the caller does not modify until the reply;
+        libnbd sends from it directly (no copy)."""
+        if type(buf) is bytes:
+            length = len(buf)
+        else:
+            buf = memoryview(buf)
+            if buf.itemsize != 1 or buf.ndim != 1:
+                buf = buf.cast("B")
+            length = buf.nbytes
+        if self._refuse or offset < 0 or offset + length > self.size or not length:
+            self._check(_WRITE, offset, length)
+            if not length:
+                return
+        if fua or length > self._chunk:
+            return await self._write_chunks(memoryview(buf), offset, length, fua, wait)
+        req = _Req(self, _WRITE, self._wctr, offset, length, buf, length)
+        if self._admit_q or self._nreq >= self.max_requests or (self._nbytes + length > self.max_bytes and self._nreq):
+            await self._admit_slow(req, offset + length)
+        else:
+            self._nreq += 1
+            self._nbytes += length
+        self._start(req)
+        if wait:
+            await self._wait_req(req)
+
+    async def _write_chunks(self, mv, offset, length, fua, wait) -> None:
+        flags = 0
+        then_flush = False
+        if fua:
+            if self._can_fua:
+                flags = _FUA
+            elif self._can_flush:
+                then_flush = True  # emulated: the write counts once a flush after it succeeded
+        chunk = self._chunk
+        end = offset + length
+        reqs = []
+        for pos in range(0, length, chunk):
+            n = min(chunk, length - pos)
+            req = _Req(self, _WRITE, self._wctr, offset + pos, n, mv[pos : pos + n], n, flags)
+            req.then_flush = then_flush
+            await self._issue(req, end)
+            reqs.append(req)
+        if wait:
+            for req in reqs:
+                await self._wait_req(req)
+
+    async def zero(self, offset: int, length: int, *, wait: bool = True) -> None:
+        """NBD WRITE_ZEROES, holes allowed (no NO_HOLE flag)."""
+        self._check(_ZERO, offset, length)
+        if length:
+            await self._zero_or_trim(_ZERO if self._can_zero else None, offset, length, wait)
+
+    async def trim(self, offset: int, length: int, *, wait: bool = True) -> None:
+        """NBD TRIM; a server that cannot trim gets WRITE_ZEROES instead."""
+        self._check(_TRIM, offset, length)
+        if length:
+            op = _TRIM if self._can_trim else _ZERO if self._can_zero else None
+            await self._zero_or_trim(op, offset, length, wait)
+
+    async def _zero_or_trim(self, op, offset, length, wait) -> None:
+        end = offset + length
+        reqs = []
+        if op is None:  # the server cannot write zeroes: send zeros
+            if self._zero_buf is None:
+                self._zero_buf = memoryview(bytes(self._chunk))
+            for pos in range(0, length, self._chunk):
+                n = min(self._chunk, length - pos)
+                req = _Req(self, _WRITE, self._wctr, offset + pos, n, self._zero_buf[:n], n)
+                await self._issue(req, end)
+                reqs.append(req)
+        else:
+            ctr = self._ctr[op]
+            for pos in range(0, length, ZERO_CHUNK):
+                req = _Req(self, op, ctr, offset + pos, min(ZERO_CHUNK, length - pos), None, 0)
+                await self._issue(req, end)
+                reqs.append(req)
+        if wait:
+            for req in reqs:
+                await self._wait_req(req)
+
+    async def flush(self) -> None:
+        """Wait for every request submitted before, then NBD FLUSH and its reply."""
+        self._check(_FLUSH, 0, 0)
+        limit = self._seq
+        if self._active and next(iter(self._active)) < limit:
+            await self._wait_cond(lambda: not self._active or next(iter(self._active)) >= limit)
+        if not self._can_flush:
+            return
+        req = _Req(self, _FLUSH, self._ctr[_FLUSH], 0, 0, None, 0)
+        await self._issue(req, None)
+        await self._wait_req(req)
+
+    async def drain(self) -> None:
+        """Wait until no request is outstanding (nor waiting for admission)."""
+        self._check(_FLUSH, 0, 0)
+        if self._nreq or self._admit_q:
+            await self._wait_cond(self._idle)
+
+    def _idle(self) -> bool:
+        return not self._nreq and not self._admit_q
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check(_READ, offset, length)
+        if length == 0:
+            return b""
+        ba = bytearray(length)
+        mv = memoryview(ba)
+        ctr = self._ctr[_READ]
+        reqs = []
+        for pos in range(0, length, self._chunk):
+            n = min(self._chunk, length - pos)
+            req = _Req(self, _READ, ctr, offset + pos, n, mv[pos : pos + n], n)
+            await self._issue(req, None)
+            reqs.append(req)
+        for req in reqs:
+            await self._wait_req(req)
+        return bytes(ba)
+
+    async def close(self, *, timeout: float = 10.0) -> None:
+        """Drain (best effort, up to timeout seconds), send NBD_CMD_DISC, stop
+        run().  Requests still outstanding then are reported to on_failure."""
+        if self._closing:
+            if self._running:
+                await self._run_done.wait()
+            return
+        self._closing = self._refuse = True
+        h = self._h
+        if h is None:
+            return
+        try:
+            if self._running and self.failed is None:
+                with trio.move_on_after(timeout):
+                    if not self._idle():
+                        try:
+                            await self._wait_cond(self._idle)
+                        except ReplicaError:
+                            pass
+                    if self.failed is None and self._h is not None:
+                        try:
+                            h.aio_disconnect(0)
+                            if h.aio_is_closed():
+                                self._stop_run()
+                            elif h.aio_get_direction() & _WRITE_DIR:
+                                self._want_write.set()
+                        except nbd.Error as e:
+                            log.debug("disconnect from %s: %s", self.uri, _nbd_message(e))
+                            self._stop_run()
+                        await self._run_done.wait()
+        finally:
+            self._abort_all(ReplicaError(f"replica link to {self.uri} closed before the reply", _errno.ESHUTDOWN))
+            if self._running:
+                self._stop_run()
+                with trio.CancelScope(shield=True):
+                    await self._run_done.wait()
+            else:
+                self._release_handle()
+        log.info("replica link to %s closed", self.uri)
+
+    # -- admission, ordering, submission --------------------------------------
+
+    def _check(self, op, offset, length) -> None:
+        """The slow path of the checks at every entry point: raise if the
+        request is out of range or the link cannot take it."""
+        if self._h is None and self.failed is None and not self._closing:
+            raise ReplicaError(f"replica link to {self.uri} is not connected", _errno.ENOTCONN)
+        if op is not _FLUSH and (offset < 0 or length < 0 or offset + length > self.size):
+            raise ReplicaError(
+                f"{op} of {length} bytes at offset {offset} is outside the replica ({self.size} bytes)",
+                _errno.EINVAL,
+            )
+        if self.failed is not None or self._closing:
+            err = self._down_error()
+            if op in _RANGED:
+                self._report(offset, length, err)
+            raise err
+
+    def _down_error(self) -> ReplicaError:
+        if self.failed is not None:
+            return ReplicaError(f"replica link to {self.uri} is down: {self.failed}", self.failed.errno)
+        return ReplicaError(f"replica link to {self.uri} is closed", _errno.ESHUTDOWN)
+
+    async def _issue(self, req, report_end) -> None:
+        """Admit and start one request.  report_end: for write/zero/trim, the
+        end of the caller's range; if this request cannot be admitted,
+        [req.offset, report_end) goes to on_failure (the caller stops there)."""
+        if self._admit_q or self._nreq >= self.max_requests or (
+            self._nbytes + req.nbytes > self.max_bytes and self._nreq
+        ):
+            await self._admit_slow(req, report_end)
+        elif self._dead():
+            self._admit_failed(req, report_end, self._down_error())
+        else:
+            self._nreq += 1
+            self._nbytes += req.nbytes
+        self._start(req)
+
+    async def _admit_slow(self, req, report_end) -> None:
+        """Wait for capacity, first come first served."""
+        entry = [trio.lowlevel.current_task(), req, False]
+        self._admit_q.append(entry)
+
+        def abort(_):
+            # Only called before reschedule(): no capacity was reserved.
+            self._admit_q.remove(entry)
+            self._pump()  # the head may have changed
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        try:
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        except BaseException:  # cancelled: nothing was sent
+            err = ReplicaError(f"{req.op} cancelled before it was sent", _errno.ECANCELED)
+            if report_end is not None:
+                self._report(req.offset, report_end - req.offset, err)
+            raise
+        if not entry[2] or self._dead():  # woken by _abort_all (which zeroed the counters)
+            self._admit_failed(req, report_end, self._down_error())
+
+    def _admit_failed(self, req, report_end, err) -> None:
+        if report_end is not None:
+            self._report(req.offset, report_end - req.offset, err)
+        raise err
+
+    def _start(self, req) -> None:
+        """Index an admitted request and send it unless an overlapping earlier
+        one is outstanding.  Runs right after admission, with no await in
+        between: the index must always match what was admitted."""
+        if self._nreq > self._max_outstanding:
+            self._max_outstanding = self._nreq
+        if self._nbytes > self._max_inflight_bytes:
+            self._max_inflight_bytes = self._nbytes
+        req.seq = seq = self._seq
+        self._seq = seq + 1
+        self._active[seq] = req
+        if req.op is not _FLUSH and self._index(req):
+            self._held_back += 1
+            return
+        self._submit(req)
+        if self._replies:
+            self._process_replies()
+
+    def _index(self, req) -> bool:
+        """Add req to the overlap index; True if it must wait for others."""
+        start = req.offset
+        end = start + req.length
+        first = start >> _STRIPE_SHIFT
+        last = (end - 1) >> _STRIPE_SHIFT
+        req.first = first
+        req.last = last
+        stripes = self._stripes
+        is_read = req.op is _READ
+        pending = 0
+        seen = None if first == last else set()
+        for s in range(first, last + 1):
+            lst = stripes.get(s)
+            if lst is None:
+                stripes[s] = [req]
+                continue
+            for other in lst:
+                if other.offset < end and start < other.offset + other.length and not (is_read and other.op is _READ):
+                    if seen is not None:
+                        if other in seen:
+                            continue
+                        seen.add(other)
+                    pending += 1
+                    if other.dependents is None:
+                        other.dependents = [req]
+                    else:
+                        other.dependents.append(req)
+            lst.append(req)
+        req.pending = pending
+        return pending > 0
+
+    def _submit(self, req) -> None:
+        h = self._h
+        try:
+            op = req.op
+            if op is _WRITE:
+                h.aio_pwrite(req.buf, req.offset, req.reply, req.flags)
+            elif op is _ZERO:
+                h.aio_zero(req.length, req.offset, req.reply, 0)
+            elif op is _TRIM:
+                h.aio_trim(req.length, req.offset, req.reply, 0)
+            elif op is _FLUSH:
+                h.aio_flush(req.reply, 0)
+            else:
+                h.aio_pread(req.buf, req.offset, req.reply, 0)
+            d = h.aio_get_direction()
+        except nbd.Error as e:
+            what = f"{req.op} of {req.length} bytes at offset {req.offset}"
+            self._fail(ReplicaError(f"{what}: {_nbd_message(e)}", e.errnum))
+            return
+        ctr = req.ctr
+        ctr.submitted += 1
+        ctr.submitted_bytes += req.length
+        self._sent += 1
+        if self._sent > self._max_depth:
+            self._max_depth = self._sent
+        if d & _WRITE_DIR:
+            self._want_write.set()
+
+    def _submit_flush_for(self, req) -> None:
+        try:
+            self._h.aio_flush(req.reply, 0)
+            d = self._h.aio_get_direction()
+        except nbd.Error as e:
+            self._fail(ReplicaError(f"flush after a write at offset {req.offset}: {_nbd_message(e)}", e.errnum))
+            return
+        self._sent += 1
+        if d & _WRITE_DIR:
+            self._want_write.set()
+
+    def _process_replies(self) -> None:
+        """Handle the replies recorded by completion callbacks (never called
+        from inside a libnbd call)."""
+        active = self._active
+        ready = None
+        while self._replies:
+            replies, self._replies = self._replies, []
+            for req, err in replies:
+                if req.done:  # already failed by _fail
+                    continue
+                self._sent -= 1
+                if err:
+                    self._fail(self._reply_error(req, err))
+                    return
+                if req.then_flush:
+                    req.then_flush = False
+                    self._submit_flush_for(req)
+                    continue
+                req.done = True
+                ctr = req.ctr
+                ctr.completed += 1
+                ctr.completed_bytes += req.length
+                del active[req.seq]
+                self._nreq -= 1
+                self._nbytes -= req.nbytes
+                req.buf = None
+                if req.first >= 0:
+                    self._unindex(req)
+                    if req.dependents is not None:
+                        for d in req.dependents:
+                            d.pending -= 1
+                            if not d.pending:
+                                if ready is None:
+                                    ready = [d]
+                                else:
+                                    ready.append(d)
+                        req.dependents = None
+                if req.task is not None:
+                    trio.lowlevel.reschedule(req.task)
+                    req.task = None
+            if ready:
+                ready.sort(key=_seq_of)
+                for req in ready:
+                    if self._dead():
+                        return
+                    self._submit(req)
+                ready = None
+            if self.failed is not None:
+                return
+        if self._admit_q:
+            self._pump()
+        if self._cond_waiters:
+            self._check_conds()
+
+    def _unindex(self, req) -> None:
+        stripes = self._stripes
+        for s in range(req.first, req.last + 1):
+            lst = stripes[s]
+            if len(lst) == 1:
+                del stripes[s]
+            else:
+                lst.remove(req)
+
+    def _reply_error(self, req, err) -> ReplicaError:
+        h = self._h
+        if err == _errno.ENOTCONN or h is not None and (h.aio_is_dead() or h.aio_is_closed()):
+            # Not a server reply (ENOTCONN is no NBD error): libnbd retiring the
+            # requests of a connection that ended.
+            state = h.connection_state() if h is not None else "closed"
+            return ReplicaError(f"connection to {self.uri} lost ({state})", _errno.ENOTCONN)
+        what = "flush" if req.op is _FLUSH else f"{req.op} of {req.length} bytes at offset {req.offset}"
+        return ReplicaError(f"{self.uri}: {what} failed: server replied {_errname(err)}", err)
+
+    def _pump(self) -> None:
+        """Admit waiters from the head of the queue while capacity allows."""
+        q = self._admit_q
+        while q:
+            entry = q[0]
+            nbytes = entry[1].nbytes
+            if self._nreq >= self.max_requests or (self._nbytes + nbytes > self.max_bytes and self._nreq):
+                return
+            q.popleft()
+            self._nreq += 1
+            self._nbytes += nbytes
+            entry[2] = True
+            trio.lowlevel.reschedule(entry[0])
+
+    async def _wait_req(self, req) -> None:
+        if not req.done:
+            req.task = trio.lowlevel.current_task()
+
+            def abort(_):
+                req.task = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        if req.error is not None:
+            raise req.error
+
+    async def _wait_cond(self, predicate) -> None:
+        """Park until predicate() holds (checked after replies) or the link ends."""
+        entry = [predicate, trio.lowlevel.current_task()]
+        self._cond_waiters.append(entry)
+
+        def abort(_):
+            self._cond_waiters.remove(entry)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        if self.failed is not None or not predicate():  # woken by _abort_all
+            raise self._down_error()
+
+    def _check_conds(self) -> None:
+        keep = []
+        for entry in self._cond_waiters:
+            if entry[0]():
+                trio.lowlevel.reschedule(entry[1])
+            else:
+                keep.append(entry)
+        self._cond_waiters = keep
+
+    # -- failure --------------------------------------------------------------
+
+    def _fail(self, error: ReplicaError, level: int = logging.ERROR) -> None:
+        """The link is dead: report and wake everything, stop run()."""
+        if self.failed is not None:
+            return
+        self.failed = error
+        self._refuse = True
+        log.log(level, "replica link to %s failed: %s", self.uri, error)
+        self._abort_all(self._down_error())
+        self._stop_run()
+
+    def _abort_all(self, err: ReplicaError) -> None:
+        active = list(self._active.values())
+        self._active.clear()
+        self._stripes.clear()
+        self._nreq = self._nbytes = self._sent = 0
+        for req in active:
+            req.done = True
+            req.error = err
+            req.buf = None
+            req.dependents = None
+            req.ctr.failed += 1
+            if req.op in _RANGED:
+                self._report(req.offset, req.length, err)
+            if req.task is not None:
+                trio.lowlevel.reschedule(req.task)
+                req.task = None
+        while self._admit_q:  # they raise and report their own ranges
+            trio.lowlevel.reschedule(self._admit_q.popleft()[0])
+        waiters, self._cond_waiters = self._cond_waiters, []
+        for entry in waiters:
+            trio.lowlevel.reschedule(entry[1])
+
+    def _report(self, offset, length, err) -> None:
+        self._failures += 1
+        cb = self.on_failure
+        if cb is None:
+            return
+        try:
+            cb(offset, length, err)
+        except Exception:
+            log.exception("on_failure(%d, %d) raised", offset, length)
+
+
+def _seq_of(req) -> int:
+    return req.seq
+
+
+async def _wait_either(fd) -> bool:
+    """Wait until fd is readable (True) or writable (False)."""
+    result = []
+    async with trio.open_nursery() as nursery:
+
+        async def one(wait, value):
+            await wait(fd)
+            result.append(value)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(one, trio.lowlevel.wait_readable, True)
+        nursery.start_soon(one, trio.lowlevel.wait_writable, False)
+    return result[0]

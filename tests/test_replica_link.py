@@ -1,0 +1,678 @@
+"""The replica link against real NBD servers (nbdkit, qemu-nbd) started per test.
+
+Servers get their listening socket from us by socket activation (bound and
+listening before the server starts), so a test can connect at once: no waiting
+for a socket file or port to appear.  Every test runs under trio.fail_after.
+"""
+
+import errno
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from repdisk.edge.replica import CHUNK, ZERO_CHUNK, ReplicaError, ReplicaLink
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("nbdkit") and shutil.which("qemu-nbd")), reason="needs nbdkit and qemu-nbd"
+)
+
+MiB = 1 << 20
+TIMEOUT = 30
+
+
+class Server:
+    """An NBD server process on a socket we bound ("unix" or "tcp")."""
+
+    def __init__(self, argv, *, tcp=False, export=""):
+        self.dir = tempfile.mkdtemp(prefix="rl")  # short: unix socket paths are limited
+        if tcp:
+            lsock = socket.socket(socket.AF_INET)
+            lsock.bind(("127.0.0.1", 0))
+            self.uri = f"nbd://127.0.0.1:{lsock.getsockname()[1]}/{export}"
+        else:
+            path = os.path.join(self.dir, "nbd.sock")
+            lsock = socket.socket(socket.AF_UNIX)
+            lsock.bind(path)
+            self.uri = f"nbd+unix:///{export}?socket={path}"
+        with lsock:
+            lsock.listen()
+            fd = lsock.fileno()
+            move = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "
+            self.proc = subprocess.Popen(
+                ["bash", "-c", move + 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "bash", *argv],
+                pass_fds=(fd,),
+            )
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def stop(self):
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if hasattr(self, "image_dir"):
+            shutil.rmtree(self.image_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def servers():
+    started = []
+
+    def start(argv, **kw):
+        server = Server(argv, **kw)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def nbdkit(size, *extra, filters=(), options=()):
+    filter_args = [f"--filter={f}" for f in filters]
+    return ["nbdkit", "--exit-with-parent", "-f", *options, *filter_args, "memory", str(size), *extra]
+
+
+def qemu_nbd(image, *options):
+    return ["qemu-nbd", "-t", "-f", "raw", *options, image]
+
+
+def run(fn, *args):
+    async def main():
+        with trio.fail_after(TIMEOUT):
+            return await fn(*args)
+
+    return trio.run(main)
+
+
+class Failures:
+    """on_failure recorder."""
+
+    def __init__(self):
+        self.ranges = []
+        self.errors = []
+
+    def __call__(self, offset, length, error):
+        assert isinstance(error, ReplicaError)
+        self.ranges.append((offset, length))
+        self.errors.append(error)
+
+
+async def open_link(nursery, uri, **kw):
+    link = ReplicaLink(uri, **kw)
+    await link.connect()
+    await nursery.start(link.run)
+    return link
+
+
+def make_peer(servers, kind, size):
+    if kind == "nbdkit-unix":
+        return servers(nbdkit(size))
+    if kind == "nbdkit-tcp":
+        return servers(nbdkit(size), tcp=True)
+    if kind == "nbdkit-simple-replies":
+        return servers(nbdkit(size, options=["--no-sr"]))
+    if kind == "qemu-nbd":
+        d = tempfile.mkdtemp(prefix="rli")
+        image = os.path.join(d, "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(size)
+        server = servers(qemu_nbd(image, "--discard=unmap"))  # qemu-nbd ignores trim by default
+        server.image_dir = d
+        return server
+    raise AssertionError(kind)
+
+
+PEERS = ["nbdkit-unix", "nbdkit-tcp", "nbdkit-simple-replies", "qemu-nbd"]
+
+
+# -- connecting ---------------------------------------------------------------
+
+
+def test_connect_size_and_no_description(servers):
+    server = servers(nbdkit(8 * MiB))
+
+    async def main():
+        link = ReplicaLink(server.uri)
+        await link.connect()
+        assert link.size == 8 * MiB
+        assert link.uri == server.uri
+        assert link.description is None
+        await link.close()
+
+    run(main)
+
+
+def test_connect_description_nbdkit_tcp(servers):
+    server = servers(nbdkit(4 * MiB, "exportdesc=fixed:secondary disk", filters=["exportname"]), tcp=True)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            assert (link.size, link.description) == (4 * MiB, "secondary disk")
+            await link.close()
+
+    run(main)
+
+
+def test_connect_description_qemu_nbd(servers, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * MiB)
+    server = servers(qemu_nbd(str(image), "-D", "qemu replica"))
+
+    async def main():
+        link = ReplicaLink(server.uri)
+        await link.connect()
+        assert (link.size, link.description) == (MiB, "qemu replica")
+        await link.close()
+
+    run(main)
+
+
+def test_connect_unix_socket_missing():
+    uri = "nbd+unix:///?socket=/nonexistent/repdisk-test.sock"
+
+    async def main():
+        link = ReplicaLink(uri)
+        with pytest.raises(ReplicaError) as info:
+            await link.connect()
+        assert info.value.errno == errno.ENOENT
+        assert uri in str(info.value) and "No such file or directory" in str(info.value)
+
+    run(main)
+
+
+def test_connect_tcp_refused():
+    with socket.socket() as s:  # a port that was free a moment ago and has no listener
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"nbd://127.0.0.1:{port}/"
+
+    async def main():
+        with pytest.raises(ReplicaError) as info:
+            await ReplicaLink(uri).connect()
+        assert info.value.errno == errno.ECONNREFUSED
+        assert uri in str(info.value) and "refused" in str(info.value)
+
+    run(main)
+
+
+def test_connect_handshake_refusal_text(servers, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * MiB)
+    server = servers(qemu_nbd(str(image), "-x", "good"))
+    bad_uri = server.uri.replace("nbd+unix:///", "nbd+unix:///bad")
+
+    async def main():
+        with pytest.raises(ReplicaError) as info:
+            await ReplicaLink(bad_uri).connect()
+        assert "bad" in str(info.value) and "export" in str(info.value)
+        link = ReplicaLink(server.uri.replace("nbd+unix:///", "nbd+unix:///good"))
+        await link.connect()
+        assert link.size == MiB
+        await link.close()
+
+    run(main)
+
+
+def test_connect_timeout():
+    # Listening but never answering: the kernel accepts, nobody speaks NBD.
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen()
+        uri = f"nbd://127.0.0.1:{lsock.getsockname()[1]}/"
+
+        async def main():
+            with pytest.raises(ReplicaError) as info:
+                await ReplicaLink(uri).connect(timeout=0.3)
+            assert info.value.errno == errno.ETIMEDOUT
+            assert "no answer" in str(info.value)
+
+        run(main)
+
+
+def test_calls_before_connect_raise():
+    async def main():
+        link = ReplicaLink("nbd+unix:///?socket=/nonexistent")
+        with pytest.raises(ReplicaError, match="not connected"):
+            await link.write(b"x", 0)
+        with pytest.raises(ReplicaError, match="before connect"):
+            await link.run()
+
+    run(main)
+
+
+# -- data path ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peer", PEERS)
+def test_concurrent_writes_match_model(servers, peer):
+    size = 24 * MiB
+    server = make_peer(servers, peer, size)
+    rnd = random.Random(peer)
+
+    async def main():
+        model = bytearray(size)
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            hot = rnd.randrange(size - 64 * 1024)  # a small region written over and over
+            for i in range(600):
+                r = rnd.random()
+                if r < 0.4:
+                    offset = hot + rnd.randrange(32 * 1024)
+                    length = rnd.randrange(1, 32 * 1024)
+                else:
+                    length = rnd.choice([1, 511, 4096, 65536, rnd.randrange(1, 300_000)])
+                    offset = rnd.randrange(size - length)
+                if r < 0.9:
+                    data = rnd.randbytes(length)
+                    model[offset : offset + length] = data
+                    await link.write(memoryview(data) if i % 2 else data, offset, wait=False, fua=i % 7 == 0)
+                elif r < 0.95:
+                    model[offset : offset + length] = bytes(length)
+                    await link.zero(offset, length, wait=False)
+                else:
+                    # nbdkit memory and qemu-nbd on a raw file both read zeros after a trim
+                    model[offset : offset + length] = bytes(length)
+                    await link.trim(offset, length, wait=False)
+            # one write larger than a chunk, unaligned, split into several requests
+            big = rnd.randbytes(2 * CHUNK + 12345)
+            model[777 : 777 + len(big)] = big
+            await link.write(bytearray(big), 777, wait=False)
+            await link.flush()
+            await link.drain()
+            assert (link.inflight_requests, link.inflight_bytes) == (0, 0)
+            assert await link.read(0, size) == model
+            assert await link.read(hot + 5, 70_000) == model[hot + 5 : hot + 5 + 70_000]
+            stats = link.statistics()
+            assert link.failed is None
+            await link.close()
+        assert stats["write"]["submitted"] >= 500 and stats["write"]["completed"] == stats["write"]["submitted"]
+        assert stats["flush"]["completed"] >= 1
+        assert stats["held_back"] > 0  # overlapping requests were really ordered
+        assert stats["max_depth"] > 1
+
+    run(main)
+
+
+def test_last_write_wins_on_one_block(servers):
+    # nbdkit runs requests on 16 threads: without ordering, these could land in any order.
+    server = servers(nbdkit(MiB))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            for i in range(300):
+                await link.write(bytes([i % 251]) * 4096, 8192, wait=False)
+            await link.write(b"tail", 8192 + 100, wait=False)
+            expected = bytearray(bytes([299 % 251]) * 4096)
+            expected[100:104] = b"tail"
+            assert await link.read(8192, 4096) == expected
+            await link.close()
+
+    run(main)
+
+
+def test_ordering_against_a_server_that_reorders(servers):
+    # nbdkit holds writes for 50 ms and answers zero/trim/read at once: an
+    # overlapping zero or read sent right after a write would overtake it.
+    server = servers(nbdkit(4 * MiB, "delay-write=50ms", filters=["delay"]))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            data = bytes(range(256)) * 32
+            await link.write(data, 0, wait=False)
+            await link.zero(4096, 4096, wait=False)
+            await link.write(b"Y" * 100, 100, wait=False)
+            assert await link.read(0, 8192) == data[:100] + b"Y" * 100 + data[200:4096] + bytes(4096)
+            assert link.statistics()["held_back"] == 3  # the zero, the second write, the read
+            await link.write(data, MiB, wait=False)
+            await link.trim(MiB + 10, 10, wait=False)
+            assert await link.read(MiB, 30) == data[:10] + bytes(10) + data[20:30]
+            # non-overlapping requests are not held back
+            held = link.statistics()["held_back"]
+            await link.write(data, 2 * MiB, wait=False)
+            await link.zero(3 * MiB, 4096, wait=False)
+            await link.read(3 * MiB + 4096, 10)
+            assert link.statistics()["held_back"] == held
+            await link.close()
+
+    run(main)
+
+
+def test_wait_true_from_many_tasks(servers):
+    server = servers(nbdkit(8 * MiB))
+
+    async def main():
+        model = bytearray(8 * MiB)
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri, max_requests=8)
+
+            async def worker(k):
+                rnd = random.Random(k)
+                for _ in range(50):
+                    block = rnd.randrange(k, 2048, 16)  # each worker owns its blocks
+                    data = rnd.randbytes(4096)
+                    model[block * 4096 : block * 4096 + 4096] = data
+                    await link.write(data, block * 4096)
+
+            async with trio.open_nursery() as workers:
+                for k in range(16):
+                    workers.start_soon(worker, k)
+            assert link.inflight_requests == 0  # wait=True: everything acknowledged
+            assert await link.read(0, 8 * MiB) == model
+            assert link.statistics()["max_outstanding"] <= 8
+            await link.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("max_requests,max_bytes", [(2, 64 << 20), (64, 40_000), (1, 1)])
+def test_backpressure_still_correct(servers, max_requests, max_bytes):
+    size = 4 * MiB
+    server = servers(nbdkit(size))
+    rnd = random.Random(max_requests)
+
+    async def main():
+        model = bytearray(size)
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri, max_requests=max_requests, max_bytes=max_bytes)
+            seen = 0
+            for _ in range(300):
+                length = rnd.randrange(1, 20_000)
+                offset = rnd.randrange(size - length)
+                data = rnd.randbytes(length)
+                model[offset : offset + length] = data
+                await link.write(data, offset, wait=False)
+                assert link.inflight_requests <= max_requests
+                assert link.inflight_bytes <= max(max_bytes, length)
+                seen = max(seen, link.inflight_requests)
+            await link.flush()
+            stats = link.statistics()
+            assert stats["max_outstanding"] <= max_requests and stats["max_depth"] <= max_requests
+            assert stats["max_inflight_bytes"] <= max(max_bytes, 20_000)
+            assert await link.read(0, size) == model
+            assert seen >= 1
+            await link.close()
+
+    run(main)
+
+
+def test_zero_trim_and_large_ranges(servers):
+    size = 3 * ZERO_CHUNK  # sparse in nbdkit memory
+    server = servers(nbdkit(size))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            pattern = bytes(range(256)) * 64
+            for off in (0, ZERO_CHUNK - 100, size - len(pattern)):
+                await link.write(pattern, off)
+            await link.zero(1, size - 2)  # three NBD requests
+            assert await link.read(0, 1) == pattern[:1]
+            assert await link.read(size - 1, 1) == pattern[-1:]
+            assert await link.read(ZERO_CHUNK - 100, 200) == bytes(200)
+            await link.write(pattern, 4096)
+            await link.trim(4096 + 10, 100)
+            assert await link.read(4096, 200) == pattern[:10] + bytes(100) + pattern[110:200]
+            stats = link.statistics()
+            assert stats["zero"]["submitted"] == 3 and stats["trim"]["submitted"] == 1
+            assert stats["zero"]["submitted_bytes"] == size - 2
+            await link.close()
+
+    run(main)
+
+
+def test_out_of_range_is_refused_without_failing_the_link(servers):
+    server = servers(nbdkit(MiB))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            failures = link.on_failure = Failures()
+            with pytest.raises(ReplicaError, match="outside") as info:
+                await link.write(b"x" * 10, MiB - 5)
+            assert info.value.errno == errno.EINVAL
+            with pytest.raises(ReplicaError, match="outside"):
+                await link.read(-1, 2)
+            assert link.failed is None and failures.ranges == []
+            await link.write(b"ok", 0)
+            await link.close()
+
+    run(main)
+
+
+def test_statistics_and_close(servers):
+    server = servers(nbdkit(MiB))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            failures = link.on_failure = Failures()
+            await link.write(b"a" * 1000, 0)
+            await link.write(b"b" * 1000, 4096, fua=True)
+            await link.flush()
+            await link.read(0, 10)
+            stats = link.statistics()
+            assert stats["write"] == {
+                "submitted": 2, "submitted_bytes": 2000, "completed": 2, "completed_bytes": 2000, "failed": 0,
+            }
+            assert stats["flush"]["completed"] == 1 and stats["read"]["completed_bytes"] == 10
+            assert stats["failed"] is None and stats["failures"] == 0
+            await link.close()
+            await link.close()  # idempotent
+        # run() returned on its own after close(); calls now raise and report
+        with pytest.raises(ReplicaError, match="closed"):
+            await link.write(b"late", 100, wait=False)
+        assert failures.ranges == [(100, 4)]
+        assert link.failed is None
+
+    run(main)
+
+
+def test_cancelling_run_fails_the_link(servers):
+    server = servers(nbdkit(MiB))
+
+    async def main():
+        link = ReplicaLink(server.uri)
+        await link.connect()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(link.run)
+            await link.write(b"x", 0)
+            nursery.cancel_scope.cancel()
+        assert link.failed is not None and "stopped" in str(link.failed)
+        with pytest.raises(ReplicaError):
+            await link.flush()
+
+    run(main)
+
+
+MODEL_SIZE = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def model_server():
+    # Writes take 1 ms, zero/trim/read none: without ordering, later requests overtake.
+    server = Server(nbdkit(MODEL_SIZE, "delay-write=1ms", filters=["delay"]))
+    yield server
+    server.stop()
+
+
+def _op():
+    offset = st.integers(0, MODEL_SIZE - 1)
+    return st.tuples(
+        st.sampled_from(["write", "write", "write", "zero", "trim", "flush", "read"]),
+        offset,
+        st.integers(1, 70_000),
+        st.booleans(),  # wait
+        st.integers(0, 255),
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_op(), max_size=60), max_requests=st.sampled_from([1, 3, 64]))
+def test_ops_match_model(model_server, ops, max_requests):
+    """Any sequence of unaligned writes/zeros/trims/flushes/reads issued
+    back to back (wait=False mostly) reads back like a bytearray."""
+
+    async def main():
+        model = bytearray(MODEL_SIZE)
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, model_server.uri, max_requests=max_requests)
+            await link.zero(0, MODEL_SIZE)
+            for kind, offset, length, wait, fill in ops:
+                length = min(length, MODEL_SIZE - offset)
+                if kind == "write":
+                    model[offset : offset + length] = bytes([fill]) * length
+                    await link.write(bytes([fill]) * length, offset, wait=wait)
+                elif kind in ("zero", "trim"):  # nbdkit memory reads zeros after both
+                    model[offset : offset + length] = bytes(length)
+                    await getattr(link, kind)(offset, length, wait=wait)
+                elif kind == "flush":
+                    await link.flush()
+                else:  # a read sees every write issued before it
+                    assert await link.read(offset, length) == model[offset : offset + length]
+            assert await link.read(0, MODEL_SIZE) == model
+            assert link.failed is None
+            await link.close()
+
+    run(main)
+
+
+# -- failures -----------------------------------------------------------------
+
+
+def test_error_reply_fails_the_link(servers, tmp_path):
+    trigger = tmp_path / "fail-writes"
+    server = servers(
+        nbdkit(MiB, "error=EIO", "error-pwrite-rate=100%", f"error-pwrite-file={trigger}", filters=["error"])
+    )
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            failures = link.on_failure = Failures()
+            await link.write(b"good", 0)
+            trigger.write_bytes(b"")
+            with pytest.raises(ReplicaError) as info:
+                await link.write(b"bad" * 100, 4096)
+            assert info.value.errno == errno.EIO
+            assert failures.ranges == [(4096, 300)]
+            assert link.failed is not None and link.failed.errno == errno.EIO
+            assert "write of 300 bytes at offset 4096" in str(link.failed) and "EIO" in str(link.failed)
+            # dead from now on: calls raise at once, writes still report their range
+            with pytest.raises(ReplicaError, match="down"):
+                await link.write(b"more", 8192, wait=False)
+            with pytest.raises(ReplicaError, match="down"):
+                await link.zero(0, 512)
+            with pytest.raises(ReplicaError, match="down"):
+                await link.read(0, 4)
+            with pytest.raises(ReplicaError, match="down"):
+                await link.flush()
+            assert failures.ranges == [(4096, 300), (8192, 4), (0, 512)]
+            await link.close()  # fine on a failed link
+        # run() returned normally (the nursery did not raise)
+
+    run(main)
+
+
+def test_error_replies_with_many_in_flight_report_every_range(servers):
+    server = servers(nbdkit(4 * MiB, "error=EIO", "error-pwrite-rate=100%", filters=["error"]))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri, max_requests=8)
+            failures = link.on_failure = Failures()
+            issued = []
+            raised = 0
+            for i in range(100):
+                offset, length = i * 8192 + 3, 5000
+                issued.append((offset, length))
+                try:
+                    await link.write(b"z" * length, offset, wait=False)
+                except ReplicaError:
+                    raised += 1
+            assert link.failed is not None
+            assert sorted(failures.ranges) == issued  # each range reported exactly once
+            assert raised >= 1
+            assert link.statistics()["failures"] == 100
+
+    run(main)
+
+
+def test_server_killed_midstream(servers):
+    # Writes are held by the server for 30 s: all of them are in flight (or
+    # waiting for admission) when it dies.
+    server = servers(nbdkit(4 * MiB, "delay-write=30", filters=["delay"]))
+
+    async def main():
+        outcome = {}
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri, max_requests=8)
+            failures = link.on_failure = Failures()
+
+            issued = set()
+
+            async def submitter():
+                try:
+                    for i in range(20):
+                        issued.add((i * 4096, 4096))
+                        await link.write(b"w" * 4096, i * 4096, wait=False)
+                except ReplicaError as e:
+                    outcome["submitter"] = e
+
+            async def waiter():
+                try:
+                    await link.write(b"v" * 100, MiB, wait=True)
+                except ReplicaError as e:
+                    outcome["waiter"] = e
+
+            async def flusher():
+                try:
+                    await link.flush()
+                except ReplicaError as e:
+                    outcome["flusher"] = e
+
+            nursery.start_soon(submitter)
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(flusher)
+            await trio.testing.wait_all_tasks_blocked()
+            # 8 in flight, the rest waits for admission
+            assert link.inflight_requests == 8 and link.statistics()["waiting_for_admission"] >= 1
+            server.kill()
+        # everything woke up, run() returned, nothing hangs
+        assert set(outcome) == {"submitter", "waiter", "flusher"}
+        assert link.failed is not None and "lost" in str(link.failed)
+        expected = issued | {(MiB, 100)}
+        assert set(failures.ranges) == expected and len(failures.ranges) == len(expected)
+        with pytest.raises(ReplicaError, match="down"):
+            await link.write(b"x", 0)
+
+    run(main)
+
+
+def test_close_reports_requests_still_outstanding(servers):
+    server = servers(nbdkit(MiB, "delay-write=30", filters=["delay"]))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            failures = link.on_failure = Failures()
+            await link.write(b"s" * 10, 0, wait=False)
+            await link.close(timeout=0.2)
+        assert failures.ranges == [(0, 10)]
+        assert "closed" in str(failures.errors[0])
+
+    run(main)
