@@ -70,6 +70,7 @@ class PrimaryNode:
         self._lock = trio.Lock()
         self.attempts = 0
         self.next_attempt: float | None = None
+        self.reconnect_error: str | None = None
         self._link_factory = link_factory
         self.writes_forwarded = 0
         self.writes_marked = 0
@@ -147,10 +148,10 @@ class PrimaryNode:
                 except (RepdiskError, trio.TooSlowError) as e:
                     reason = e if not isinstance(e, trio.TooSlowError) else f"no answer within {self.connect_timeout} s"
                     why = f"cannot connect to secondary {self.uri}: {reason}"
+                    self.reconnect_error = why
                     if self.state == st.P_CONNECTING:
                         self.connect_failed(why)
-                    else:
-                        self.error = why
+                    else:  # keep `error` saying why we are degraded
                         log.warning("%s (attempt %d, next in %.1f s)", why, self.attempts, min(backoff * 2, 30))
                     backoff = min(backoff * 2, 30.0)
                     continue
@@ -169,6 +170,7 @@ class PrimaryNode:
         self._link_down = trio.Event()
         self.link = link
         self.attempts = 0
+        self.reconnect_error = None
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._run_link, link)
@@ -307,6 +309,7 @@ class PrimaryNode:
         if self.state in (st.P_DEGRADED, st.P_CONNECTING):
             s["reconnect"] = {
                 "attempts": self.attempts,
+                "last_error": self.reconnect_error,
                 "next_attempt_in_s": None if self.next_attempt is None else round(max(0.0, self.next_attempt - time.time()), 2),
             }
         if link is not None:
