@@ -24,31 +24,44 @@ async def serve_node(node, mountpoint: str, fsname: str, services=(), on_ready=N
         for service in services:
             await nursery.start(service)
         pyfuse3.init(ops, mountpoint, mount_options(fsname))
+        stop = _Stop()
         unmounted = False
         try:
-            nursery.start_soon(_watch_signals, nursery.cancel_scope)
+            nursery.start_soon(_watch_signals, stop)
             nursery.start_soon(_raise_max_background, mountpoint)
             if on_ready is not None:
                 on_ready()
+            # main() returns after pyfuse3.terminate() (a signal) or when the
+            # file system was unmounted from outside.
             await pyfuse3.main(min_tasks=4, max_tasks=64)
-            unmounted = True  # main() returns when the file system was unmounted from outside
-            log.warning("%s was unmounted from outside; stopping", mountpoint)
+            unmounted = not stop.requested
+            if unmounted:
+                log.warning("%s was unmounted from outside; stopping", mountpoint)
         finally:
+            # Order: no more I/O (the loop has ended), unmount, then drain and
+            # flush while the services still run, then stop them.
             with trio.CancelScope(shield=True):
+                pyfuse3.close(unmount=not unmounted)
                 if shutdown is not None:
                     try:
                         await shutdown()
                     except Exception:
                         log.exception("error while shutting down")
-                pyfuse3.close(unmount=not unmounted)
             nursery.cancel_scope.cancel()
 
 
-async def _watch_signals(scope: trio.CancelScope) -> None:
+class _Stop:
+    requested = False
+
+
+async def _watch_signals(stop: _Stop) -> None:
+    """SIGINT/SIGTERM end the FUSE loop; the services (NBD server, replica
+    link) keep running until the node's shutdown has drained them."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("got %s: stopping", signal.Signals(signum).name)
-            scope.cancel()
+            stop.requested = True
+            pyfuse3.terminate()
             return
 
 

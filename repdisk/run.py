@@ -49,7 +49,7 @@ def run_secondary(args) -> int:
     try:
         trio.run(functools.partial(
             serve_node, node, args.mount, "repdisk-secondary",
-            services=[nbd_service], on_ready=ready, shutdown=shutdown))
+            services=[node.run_discarder, nbd_service], on_ready=ready, shutdown=shutdown))
     finally:
         stack.close()
         os.close(lock)

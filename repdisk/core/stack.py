@@ -145,33 +145,44 @@ class SecondaryStack:
         return self.hidden.used_bytes + self.active.used_bytes
 
     def commit_chunks(self, max_bytes: int = 8 << 20) -> Iterator[tuple[Overlay, int, int]]:
-        """The failover commit as (layer, first_block, end_block) chunks: hidden
-        first (minus what active overrides), then active.  The caller copies each
-        with `commit_copy` (in a thread), then calls `commit_done` (in the loop).
-        Bits can be set while the commit runs (view writes); the generator looks
-        again until both overlays are empty."""
+        """The failover commit as (layer, first_block, end_block) windows of at
+        most `max_bytes` of address space, each starting at a block the layer
+        holds: hidden first, then active.  The caller copies a window with
+        `commit_copy` (in a thread; one copy_file_range per run inside it),
+        then calls `commit_done` (in the loop), holding writes to the window
+        off meanwhile.  Bits set while the commit runs (view writes into
+        active) are picked up: the generator looks again until both overlays
+        are empty."""
         self.committing = True
         per = max(1, max_bytes >> self.geometry.shift)
         for layer in (self.hidden, self.active):
-            while layer.map.any():
-                for a, b in list(layer.map.runs()):
-                    for c in range(a, b, per):
-                        yield layer, c, min(b, c + per)
+            pos = 0
+            while True:
+                a = layer.map.bits.find(1, pos)
+                if a < 0:
+                    if not layer.map.any():
+                        break
+                    pos = 0
+                    continue
+                b = min(a + per, len(layer.map))
+                yield layer, a, b
+                pos = b
 
-    def commit_copy(self, layer: Overlay, first: int, end: int) -> None:
-        """Copy blocks [first, end) of `layer` into the replica (blocking)."""
-        start, n = self.geometry.byte_range(first, end)
+    def commit_copy(self, layer: Overlay, first: int, end: int) -> int:
+        """Copy the blocks `layer` holds in [first, end) into the replica
+        (blocking); hidden blocks that active overrides are skipped.
+        Returns the bytes copied."""
+        geo = self.geometry
+        todo = Bitmap(0)
+        todo.bits = layer.map.bits[first:end]
         if layer is self.hidden:
-            # Blocks the active overlay holds are overridden anyway.
-            mask = self.active.map.bits[first:end]
-            if mask.any():
-                sub = Bitmap(0)
-                sub.bits = ~mask
-                for a, b in sub.runs():
-                    s, m = self.geometry.byte_range(first + a, first + b)
-                    layer.file.copy_to(self.replica, s, m)
-                return
-        layer.file.copy_to(self.replica, start, n)
+            todo.bits &= ~self.active.map.bits[first:end]
+        copied = 0
+        for a, b in todo.runs():
+            start, n = geo.byte_range(first + a, first + b)
+            layer.file.copy_to(self.replica, start, n)
+            copied += n
+        return copied
 
     def commit_done(self, layer: Overlay, first: int, end: int) -> None:
         layer.map.clear(first, end)

@@ -71,6 +71,7 @@ class PrimaryNode:
         self.attempts = 0
         self.next_attempt: float | None = None
         self.reconnect_error: str | None = None
+        self._stopping = False  # a clean stop closes the link: not a failure
         self._link_factory = link_factory
         self.writes_forwarded = 0
         self.writes_marked = 0
@@ -118,7 +119,7 @@ class PrimaryNode:
         self._link_failed(error)
 
     def _link_failed(self, error) -> None:
-        if self.state in (st.P_SYNCING, st.P_REPLICATING):
+        if self.state in (st.P_SYNCING, st.P_REPLICATING) and not self._stopping:
             self.error = f"secondary lost: {error}"
             log.warning("%s; tracking changed blocks from now on", self.error)
             self._event("link_failed")
@@ -361,13 +362,18 @@ class PrimaryNode:
         self._state_changed = trio.Event()
 
     async def shutdown(self) -> None:
+        """Clean stop: drain and flush replication, fsync the image."""
         link = self.link
         if link is not None and link.failed is None:
-            with trio.move_on_after(10):
+            with trio.move_on_after(10) as timeout:
                 try:
                     await link.flush()
+                    log.info("replication drained and flushed")
                 except RepdiskError as e:
                     log.warning("final flush to the secondary failed: %s", e)
+            if timeout.cancelled_caught:
+                log.warning("final flush to the secondary did not finish within 10 s")
+        self._stopping = True
         await trio.to_thread.run_sync(self.image.fsync)
 
 

@@ -36,7 +36,7 @@ class SecondaryNode:
         self._commit_moved = trio.Event()
         self._invalidate = invalidate  # async callable: drop the kernel's cached view
         self._lock = trio.Lock()  # one command at a time
-        self._nursery = None
+        self._discard_send = None
 
     @property
     def size(self) -> int:
@@ -79,6 +79,22 @@ class SecondaryNode:
     async def disk_fsync(self) -> None:
         await trio.to_thread.run_sync(self.stack.flush)
 
+    async def run_discarder(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Close dropped overlay files in the background.  Closing the last
+        reference frees their extents, which can take seconds (one discard per
+        extent on a file system mounted with -o discard): a checkpoint must
+        not wait for it.  One file at a time, so they cannot pile up threads."""
+        self._discard_send, receive = trio.open_memory_channel(1000)
+        task_status.started()
+        async for files in receive:
+            await trio.to_thread.run_sync(_close_all, files)
+
+    def _discard(self, files) -> None:
+        try:
+            self._discard_send.send_nowait(files)
+        except (AttributeError, trio.WouldBlock):  # no background task, or a huge backlog
+            _close_all(files)
+
     # ---- control ------------------------------------------------------------
     def status(self) -> dict:
         geo = self.stack.geometry
@@ -120,7 +136,7 @@ class SecondaryNode:
         log.info("checkpoint %d: overlays dropped", self.epoch)
         if self._invalidate is not None:
             await self._invalidate()
-        await trio.to_thread.run_sync(_close_all, old)
+        self._discard(old)
 
     async def failover(self) -> None:
         self._event("failover")
@@ -143,20 +159,21 @@ class SecondaryNode:
         self._event("commit_done")
         self.commit.finish()
         log.info("failover done: %d bytes committed in %.3f s", self.commit.done, self.commit.elapsed)
-        await trio.to_thread.run_sync(_close_all, old)
+        self._discard(old)
 
     async def _commit(self) -> None:
         stack, geo = self.stack, self.stack.geometry
         for layer, first, end in stack.commit_chunks():
             start, n = geo.byte_range(first, end)
             self._commit_range = (start, start + n)
+            done = layer.map.count(first, end) << geo.shift
             await trio.to_thread.run_sync(stack.commit_copy, layer, first, end)
             stack.commit_done(layer, first, end)
             self._commit_range = None
             self._commit_moved.set()
             self._commit_moved = trio.Event()
-            self.commit.add(n)
-            self.commit.total = max(self.commit.total, self.commit.done + stack.commit_pending)
+            self.commit.add(done)
+            self.commit.total = max(self.commit.total, self.commit.done)  # view writes added some
 
 
 def _close_all(files) -> None:

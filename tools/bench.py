@@ -1,0 +1,464 @@
+#!/usr/bin/env python3
+"""repdisk benchmark: a plain file, QEMU's own block replication and repdisk, in one run.
+
+Sections (run all, or pick with --only, comma separated or repeated):
+  fio         seq write 1 MiB / rand write 4 KiB QD1 / rand read 4 KiB QD1 / rand write
+              4 KiB x4 jobs, each O_DIRECT and buffered, on every target
+  checkpoint  checkpoint latency after 16/64/256 MiB of random 4 KiB primary writes
+              (+ 1/16 as many secondary writes), hidden-overlay bytes per primary byte,
+              secondary failover (commit) time
+  sync        repdisk's initial sync of an image with random data and holes, next to
+              nbdcopy of the same image into the same kind of secondary
+  nodes       start-up time and RSS of each node, idle with a 1 TiB sparse disk and after
+              random writes
+Every figure is the median of --reps repetitions (>= 3) with the spread (min-max).
+Results: a table on stdout, bench-results/bench-<time>.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import report  # noqa: E402
+from benchlib.fio import DESCRIPTION, WORKLOADS, job_options, run_fio, write_random  # noqa: E402
+from benchlib.targets import REPO, PlainTarget, QemuPair, RepdiskPair  # noqa: E402
+from benchlib.util import (GiB, MiB, TiB, BenchError, cmd_version, dump_json, log,  # noqa: E402
+                           copy_image, make_filled_image, make_random_image, remove_tree,
+                           rss_bytes)
+
+SECTIONS = ("fio", "checkpoint", "sync", "nodes")
+ALIASES = {"rss": "nodes", "startup": "nodes", "failover": "checkpoint", "hidden": "checkpoint"}
+
+
+class Config:
+    def __init__(self, quick: bool, reps: int | None):
+        self.quick = quick
+        self.reps = reps or 3
+        if quick:
+            self.fio_size = 256 * MiB      # disk size and fio region
+            self.runtime = 3               # seconds per time-based fio run
+            self.ckpt_size = 2 * GiB
+            self.ckpt_amounts = [16 * MiB, 64 * MiB, 256 * MiB]
+            self.failover_amount = 64 * MiB
+            self.sync_size = 512 * MiB
+            self.sync_transports = ["unix"]
+            self.rss_write = 128 * MiB
+            self.fio_targets = ["plain", "qemu-pri", "qemu-sec", "rd-sync-tcp", "rd-async-tcp",
+                                "rd-sec"]
+            self.ckpt_systems = ["qemu", "rd-sync", "rd-async"]
+        else:
+            self.fio_size = 512 * MiB
+            self.runtime = 10
+            self.ckpt_size = 4 * GiB
+            self.ckpt_amounts = [16 * MiB, 64 * MiB, 256 * MiB]
+            self.failover_amount = 256 * MiB
+            self.sync_size = 1 * GiB
+            self.sync_transports = ["unix", "tcp"]
+            self.rss_write = 1 * GiB
+            self.fio_targets = ["plain", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix",
+                                "rd-sync-tcp", "rd-async-tcp", "rd-sec"]
+            self.ckpt_systems = ["qemu", "rd-sync", "rd-async"]
+        self.rss_disk = 1 * TiB
+
+    def as_dict(self):
+        return {k: v for k, v in vars(self).items()}
+
+
+# Every pair/target started goes through here so that a failure or a signal anywhere
+# still stops every process and unmounts every mount.
+_LIVE: list = []
+
+
+@contextlib.contextmanager
+def running(target):
+    _LIVE.append(target)
+    try:
+        yield target
+    finally:
+        try:
+            target.stop()
+        finally:
+            _LIVE.remove(target)
+
+
+def stop_all():
+    while _LIVE:
+        t = _LIVE.pop()
+        try:
+            t.stop()
+        except Exception as e:  # keep stopping the others
+            log(f"error stopping {t}: {e}")
+
+
+TARGET_LABEL = {
+    "plain": "plain file", "qemu-pri": "QEMU primary", "qemu-sec": "QEMU secondary view",
+    "rd-sync-unix": "repdisk sync unix", "rd-async-unix": "repdisk async unix",
+    "rd-sync-tcp": "repdisk sync tcp", "rd-async-tcp": "repdisk async tcp",
+    "rd-sec": "repdisk secondary view",
+}
+
+
+def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
+    out = res.setdefault("fio", {"targets": {}, "labels": TARGET_LABEL})
+    targets = [t for t in cfg.fio_targets if have_repdisk or not t.startswith("rd-")]
+    for rep in range(cfg.reps):
+        for key in targets:
+            d = os.path.join(work, f"fio-{key}-{rep}")
+            tres = out["targets"].setdefault(key, {})
+            log(f"fio rep {rep + 1}/{cfg.reps}: {TARGET_LABEL[key]}")
+            try:
+                t, path = _start_fio_target(key, d, cfg.fio_size)
+            except Exception as e:
+                log(f"  cannot start {key}: {e}")
+                for io in ("direct", "buffered"):
+                    for wl in WORKLOADS:
+                        tres.setdefault(io, {}).setdefault(wl, {"runs": [], "errors": []})[
+                            "errors"].append(f"start failed: {e}")
+                stop_all()
+                remove_tree(d)
+                continue
+            with running(t):
+                for io in ("direct", "buffered"):
+                    for wl in WORKLOADS:
+                        cell = tres.setdefault(io, {}).setdefault(wl, {"runs": [], "errors": []})
+                        try:
+                            for p in getattr(t, "procs", {}).values():
+                                p.check_alive()
+                            r = run_fio(path, job_options(wl, cfg.fio_size, cfg.runtime),
+                                        direct=(io == "direct"))
+                            cell["runs"].append(r)
+                            log(f"  {io:8} {wl:10} {r['mibs']:8.1f} MiB/s {r['iops']:9.0f} IOPS "
+                                f"p50 {r['p50_us']:7.1f} us p99 {r['p99_us']:8.1f} us")
+                        except BenchError as e:
+                            cell["errors"].append(str(e))
+                            log(f"  {io:8} {wl:10} n/a: {e}")
+            remove_tree(d)
+
+
+def _start_fio_target(key, d, size):
+    holder = []
+    try:
+        if key == "plain":
+            t = PlainTarget(d, size)
+            return t, t.path
+        if key.startswith("qemu"):
+            t = QemuPair(d, size)
+        elif key == "rd-sec":
+            t = RepdiskPair(d, size, mode="sync", transport="unix")
+        else:
+            _, mode, transport = key.split("-")
+            t = RepdiskPair(d, size, mode=mode, transport=transport)
+        holder.append(t)
+        _LIVE.append(t)
+        t.start()
+        _LIVE.remove(t)
+        return t, (t.sec_view if key.endswith("sec") else t.pri_view)
+    except BaseException:
+        for t in holder:
+            if t in _LIVE:
+                _LIVE.remove(t)
+            t.stop()
+        raise
+
+
+def _make_pair(system: str, d: str, size: int, disks: tuple[str, str]):
+    if system == "qemu":
+        return QemuPair(d, size, disks=disks)
+    mode = system.split("-")[1]
+    return RepdiskPair(d, size, mode=mode, transport="unix", disks=disks)
+
+
+def section_checkpoint(cfg: Config, work: str, res: dict, have_repdisk: bool):
+    out = res.setdefault("checkpoint", {"amounts": cfg.ckpt_amounts,
+                                        "failover_amount": cfg.failover_amount,
+                                        "disk_size": cfg.ckpt_size, "systems": {}})
+    systems = [s for s in cfg.ckpt_systems if have_repdisk or s == "qemu"]
+    # One pair of fully written images, used in place by every pair in turn: what the
+    # primary overwrites on the replica is data that copy-before-write must keep.  The
+    # images need not stay identical for these timings (each pair starts --assume-synced).
+    disks = (os.path.join(work, "ckpt-pri.img"), os.path.join(work, "ckpt-sec.img"))
+    log(f"checkpoint: writing two {cfg.ckpt_size // MiB} MiB images full of data")
+    make_filled_image(disks[0], cfg.ckpt_size)
+    copy_image(disks[0], disks[1])
+    for rep in range(cfg.reps):
+        for system in systems:
+            sres = out["systems"].setdefault(system, {"rounds": {}, "failover": [], "errors": []})
+            d = os.path.join(work, f"ckpt-{system}-{rep}")
+            log(f"checkpoint rep {rep + 1}/{cfg.reps}: {system}")
+            pair = _make_pair(system, d, cfg.ckpt_size, disks)
+            try:
+                with running(pair):
+                    pair.start()
+                    for i, amount in enumerate(cfg.ckpt_amounts):
+                        w = _write_both(pair, amount, cfg.ckpt_size, seed=rep * 100 + i)
+                        hidden = pair.hidden_bytes()
+                        overlays = pair.overlay_bytes()
+                        tp, ts = pair.checkpoint()
+                        row = {"amount": amount, "total_s": tp + ts, "primary_s": tp,
+                               "secondary_s": ts, "hidden_bytes": hidden,
+                               "hidden_per_byte": hidden / amount, "overlays": overlays,
+                               "write_iops": w}
+                        sres["rounds"].setdefault(str(amount), []).append(row)
+                        log(f"  {amount // MiB:4} MiB: checkpoint {1000 * (tp + ts):8.2f} ms "
+                            f"(pri {1000 * tp:.2f} + sec {1000 * ts:.2f}), hidden "
+                            f"{hidden / MiB:.1f} MiB = {hidden / amount:.2f}x, writes {w:.0f} IOPS")
+                    amount = cfg.failover_amount
+                    _write_both(pair, amount, cfg.ckpt_size, seed=rep * 100 + 50)
+                    hidden = pair.hidden_bytes()
+                    pair.stop_primary()
+                    fo = pair.failover()
+                    sres["failover"].append({"amount": amount, "seconds": fo,
+                                             "command_s": pair.failover_command_s,
+                                             "hidden_bytes": hidden})
+                    log(f"  failover after {amount // MiB} MiB: {1000 * fo:.1f} ms until standalone, "
+                        f"command returned after {1000 * (pair.failover_command_s or 0):.1f} ms "
+                        f"(hidden {hidden / MiB:.1f} MiB)")
+            except (BenchError, OSError) as e:
+                sres["errors"].append(str(e))
+                log(f"  {system}: error: {e}")
+            remove_tree(d)
+
+
+def _write_both(pair, amount: int, region: int, seed: int) -> float:
+    """`amount` of distinct random 4 KiB primary writes + amount/16 on the secondary view."""
+    r = write_random(pair.pri_view, amount, region, jobs=2, seed=seed)
+    write_random(pair.sec_view, max(amount // 16, 2 * 4096), region, jobs=1, seed=seed + 7)
+    return r["iops"]
+
+
+def section_sync(cfg: Config, work: str, res: dict, have_repdisk: bool):
+    out = res.setdefault("sync", {"size": cfg.sync_size, "runs": {}, "errors": []})
+    img = os.path.join(work, "sync-base.img")
+    data = make_random_image(img, cfg.sync_size, chunk=1 * MiB, data_every=2, seed=7)
+    out["data_bytes"] = data
+    log(f"sync: image {cfg.sync_size // MiB} MiB, {data // MiB} MiB data, the rest holes")
+    for rep in range(cfg.reps):
+        if have_repdisk:
+            for transport in cfg.sync_transports:
+                key = f"repdisk-{transport}"
+                d = os.path.join(work, f"sync-{key}-{rep}")
+                pair = RepdiskPair(d, cfg.sync_size, mode="sync", transport=transport,
+                                   image=img, sec_image="", assume_synced=False)
+                try:
+                    with running(pair):
+                        pair.prepare()
+                        pair.start_secondary()
+                        t0 = time.monotonic()
+                        pair.start_primary(wait_replicating=False)
+                        t1 = time.monotonic()
+                        st = pair.wait_state("primary", "replicating", timeout=600)
+                        t2 = time.monotonic()
+                        row = {"seconds": t2 - t0, "seconds_after_control": t2 - t1,
+                               "status_sync": st.get("sync")}
+                        if rep == 0:
+                            pair.stop()
+                            row["identical"] = _same_file(pair.pri_disk, pair.sec_disk)
+                    out["runs"].setdefault(key, []).append(row)
+                    log(f"  {key}: {row['seconds']:.2f} s "
+                        f"({cfg.sync_size / MiB / row['seconds']:.0f} MiB/s)"
+                        + (f", images identical: {row['identical']}" if "identical" in row else ""))
+                except (BenchError, OSError) as e:
+                    out["errors"].append(f"{key}: {e}")
+                    log(f"  {key}: error: {e}")
+                remove_tree(d)
+                key = f"nbdcopy-repdisk-{transport}"
+                d = os.path.join(work, f"sync-{key}-{rep}")
+                pair = RepdiskPair(d, cfg.sync_size, transport=transport)
+                try:
+                    with running(pair):
+                        pair.prepare()
+                        pair.start_secondary()
+                        secs = _nbdcopy(img, pair.uri)
+                    out["runs"].setdefault(key, []).append({"seconds": secs})
+                    log(f"  {key}: {secs:.2f} s ({cfg.sync_size / MiB / secs:.0f} MiB/s)")
+                except (BenchError, OSError) as e:
+                    out["errors"].append(f"{key}: {e}")
+                    log(f"  {key}: error: {e}")
+                remove_tree(d)
+        key = "nbdcopy-qemu"
+        d = os.path.join(work, f"sync-{key}-{rep}")
+        q = QemuPair(d, cfg.sync_size)
+        try:
+            with running(q):
+                q.prepare()
+                q.start_secondary()
+                secs = _nbdcopy(img, q.nbd_uri())
+            out["runs"].setdefault(key, []).append({"seconds": secs})
+            log(f"  {key}: {secs:.2f} s ({cfg.sync_size / MiB / secs:.0f} MiB/s)")
+        except (BenchError, OSError) as e:
+            out["errors"].append(f"{key}: {e}")
+            log(f"  {key}: error: {e}")
+        remove_tree(d)
+
+
+def _nbdcopy(src: str, uri: str) -> float:
+    t0 = time.monotonic()
+    r = subprocess.run(["nbdcopy", "--flush", src, uri], capture_output=True, text=True,
+                       timeout=600)
+    if r.returncode != 0:
+        raise BenchError(f"nbdcopy failed: {r.stderr.strip()[-300:]}")
+    return time.monotonic() - t0
+
+
+def _same_file(a: str, b: str) -> bool:
+    return subprocess.run(["cmp", "-s", a, b]).returncode == 0
+
+
+def section_nodes(cfg: Config, work: str, res: dict, have_repdisk: bool):
+    out = res.setdefault("nodes", {"disk_size": cfg.rss_disk, "write": cfg.rss_write,
+                                   "systems": {}})
+    systems = (["repdisk"] if have_repdisk else []) + ["qemu"]
+    for rep in range(cfg.reps):
+        for system in systems:
+            sres = out["systems"].setdefault(system, {"runs": [], "errors": []})
+            d = os.path.join(work, f"nodes-{system}-{rep}")
+            log(f"nodes rep {rep + 1}/{cfg.reps}: {system} with a 1 TiB sparse disk")
+            pair = (RepdiskPair(d, cfg.rss_disk, mode="sync", transport="unix")
+                    if system == "repdisk" else QemuPair(d, cfg.rss_disk))
+            try:
+                with running(pair):
+                    pair.prepare()
+                    pair.start(prepare=False)
+                    time.sleep(1.0)
+                    pids = pair.pids
+                    idle = {role: rss_bytes(pid) for role, pid in pids.items()}
+                    w = write_random(pair.pri_view, cfg.rss_write, cfg.rss_disk, jobs=2)
+                    time.sleep(0.5)
+                    after = {role: rss_bytes(pid) for role, pid in pids.items()}
+                    row = {"startup": dict(pair.startup), "rss_idle": idle,
+                           "rss_after_writes": after, "write_iops": w["iops"]}
+                    sres["runs"].append(row)
+                    log(f"  startup {_fmt_d(pair.startup, 's')}; RSS idle {_fmt_d(idle, 'MiB')}; "
+                        f"after {cfg.rss_write // MiB} MiB {_fmt_d(after, 'MiB')} "
+                        f"({w['iops']:.0f} IOPS)")
+            except (BenchError, OSError) as e:
+                sres["errors"].append(str(e))
+                log(f"  {system}: error: {e}")
+            remove_tree(d)
+
+
+def _fmt_d(d: dict, unit: str) -> str:
+    if unit == "MiB":
+        return ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in d.items())
+    return ", ".join(f"{k} {v:.3f} s" for k, v in d.items())
+
+
+def repdisk_available() -> tuple[bool, str]:
+    try:
+        r = subprocess.run([sys.executable, "-m", "repdisk", "primary", "--help"],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, str(e)
+    if r.returncode != 0:
+        return False, (r.stderr.strip().splitlines() or ["?"])[-1]
+    try:
+        import repdisk.node.primary  # noqa: F401
+        import repdisk.node.secondary  # noqa: F401
+    except Exception as e:
+        return False, f"repdisk nodes not importable: {e}"
+    return True, ""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="smaller sizes, shorter fio runs, fewer targets (about 5-10 minutes)")
+    ap.add_argument("--only", action="append", default=[], metavar="SECTION",
+                    help=f"run only these sections: {', '.join(SECTIONS)} (repeat or comma-separate)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 3)")
+    ap.add_argument("--targets", default=None,
+                    help="fio targets, comma separated (default per mode): "
+                         + ",".join(TARGET_LABEL))
+    ap.add_argument("--no-repdisk", action="store_true", help="measure only the plain file and QEMU")
+    ap.add_argument("--out", default=os.path.join(REPO, "bench-results"), help="results directory")
+    ap.add_argument("--keep-work", action="store_true", help="keep the work directory (debugging)")
+    args = ap.parse_args(argv)
+
+    sections = []
+    for item in args.only:
+        for s in item.split(","):
+            s = ALIASES.get(s.strip(), s.strip())
+            if s not in SECTIONS:
+                ap.error(f"unknown section {s!r}; choose from {', '.join(SECTIONS)}")
+            if s not in sections:
+                sections.append(s)
+    sections = [s for s in SECTIONS if s in sections] or list(SECTIONS)
+    if args.reps is not None and args.reps < 1:
+        ap.error("--reps must be >= 1")
+    cfg = Config(args.quick, args.reps)
+    if args.targets:
+        cfg.fio_targets = [t.strip() for t in args.targets.split(",")]
+        bad = [t for t in cfg.fio_targets if t not in TARGET_LABEL]
+        if bad:
+            ap.error(f"unknown target(s) {bad}")
+
+    have_repdisk, why = (False, "--no-repdisk") if args.no_repdisk else repdisk_available()
+    if not have_repdisk:
+        log(f"repdisk nodes not available ({why}): measuring the plain file and QEMU only")
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path = os.path.join(args.out, f"bench-{stamp}{'-quick' if args.quick else ''}.json")
+    res = {"meta": {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "quick": args.quick, "sections": sections, "config": cfg.as_dict(),
+        "repdisk": have_repdisk, "repdisk_unavailable_reason": why or None,
+        "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
+        "git": subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
+                              capture_output=True, text=True).stdout.strip(),
+        "qemu": cmd_version(["qemu-system-x86_64", "--version"]),
+        "fio": cmd_version(["fio", "--version"]),
+        "nbdcopy": cmd_version(["nbdcopy", "--version"]),
+    }}
+    work = tempfile.mkdtemp(prefix="work-", dir=args.out)  # same filesystem as the repo
+    log(f"work dir {work}; sections {', '.join(sections)}; {'quick' if args.quick else 'full'} mode, "
+        f"{cfg.reps} reps")
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    funcs = {"fio": section_fio, "checkpoint": section_checkpoint, "sync": section_sync,
+             "nodes": section_nodes}
+    t0 = time.monotonic()
+    interrupted = False
+    try:
+        for s in sections:
+            ts = time.monotonic()
+            funcs[s](cfg, work, res, have_repdisk)
+            res["meta"].setdefault("section_seconds", {})[s] = round(time.monotonic() - ts, 1)
+            dump_json(json_path, res)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: stopping everything, reporting what was measured")
+    finally:
+        stop_all()
+        if not args.keep_work:
+            remove_tree(work)
+    res["meta"]["seconds"] = round(time.monotonic() - t0, 1)
+    res["meta"]["interrupted"] = interrupted
+    summary = report.summarize_all(res)
+    res["summary"] = summary
+    dump_json(json_path, res)
+    print(report.table(res, summary))
+    png = json_path[:-5] + ".png"
+    try:
+        report.chart(res, summary, png)
+        print(f"\nresults: {json_path}\nchart:   {png}")
+    except Exception as e:  # the chart is a convenience; the JSON is the record
+        print(f"\nresults: {json_path}\nchart not written: {e}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Helpers for tools/bench.py: targets (plain file, repdisk pair, QEMU pair), fio, report."""

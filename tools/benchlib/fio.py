@@ -1,0 +1,80 @@
+"""fio workloads and their JSON results."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+from .util import BenchError, MiB
+
+# name -> (description, fio options, metric); sizes/runtimes are filled in by make_jobs.
+WORKLOADS = ("seqwrite", "randwrite", "randread", "randwrite4")
+DESCRIPTION = {
+    "seqwrite": "seq write 1 MiB, end_fsync",
+    "randwrite": "rand write 4 KiB QD1",
+    "randread": "rand read 4 KiB QD1",
+    "randwrite4": "rand write 4 KiB x4 jobs",
+}
+METRIC = {"seqwrite": "MiB/s", "randwrite": "IOPS", "randread": "IOPS", "randwrite4": "IOPS"}
+IS_WRITE = {"seqwrite": True, "randwrite": True, "randread": False, "randwrite4": True}
+
+
+def job_options(workload: str, size: int, runtime: int) -> dict:
+    base = {"ioengine": "psync", "iodepth": 1, "size": size, "fallocate": "none",
+            "allow_file_create": 0}
+    if workload == "seqwrite":
+        return base | {"rw": "write", "bs": "1M", "end_fsync": 1}
+    timed = {"time_based": 1, "runtime": runtime, "norandommap": 1, "bs": "4k"}
+    if workload == "randwrite":
+        return base | timed | {"rw": "randwrite"}
+    if workload == "randread":
+        return base | timed | {"rw": "randread"}
+    if workload == "randwrite4":
+        return base | timed | {"rw": "randwrite", "numjobs": 4, "group_reporting": 1}
+    raise ValueError(workload)
+
+
+def run_fio(filename: str, options: dict, direct: bool, timeout: float = 600) -> dict:
+    """Run one fio job on `filename`; return {value, mibs, iops, p50_us, p99_us}."""
+    argv = ["fio", "--name=bench", f"--filename={filename}", "--output-format=json",
+            f"--direct={1 if direct else 0}"]
+    argv += [f"--{k}={v}" for k, v in options.items()]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"fio timed out after {timeout:.0f}s") from None
+    out = r.stdout
+    try:
+        data = json.loads(out[out.index("{"):])
+    except ValueError:
+        data = None
+    if r.returncode != 0 or not data or data["jobs"][0].get("error"):
+        err = (r.stderr.strip() or out.strip()).splitlines()
+        msg = "; ".join(line for line in err if line.strip())[-300:]
+        if data and data["jobs"][0].get("error"):
+            msg = f"fio error {data['jobs'][0]['error']}: {msg}"
+        raise BenchError(msg or f"fio exited {r.returncode}")
+    job = data["jobs"][0]
+    write = options["rw"] in ("write", "randwrite")
+    side = job["write"] if write else job["read"]
+    pct = side.get("clat_ns", {}).get("percentile", {})
+    return {
+        "mibs": side["bw_bytes"] / MiB,
+        "iops": side["iops"],
+        "p50_us": pct.get("50.000000", 0) / 1000,
+        "p99_us": pct.get("99.000000", 0) / 1000,
+        "runtime_ms": job.get("job_runtime"),
+    }
+
+
+def write_random(filename: str, amount: int, region: int, jobs: int = 2, direct: bool = False,
+                 offset: int = 0, seed: int = 0) -> dict:
+    """Write `amount` bytes as distinct random 4 KiB blocks into [offset, offset+region),
+    split over `jobs` processes each owning a slice (so no block is written twice)."""
+    per_region = region // jobs // 4096 * 4096
+    per_amount = amount // jobs // 4096 * 4096
+    opts = {"ioengine": "psync", "iodepth": 1, "rw": "randwrite", "bs": "4k",
+            "fallocate": "none", "allow_file_create": 0, "numjobs": jobs,
+            "group_reporting": 1, "size": per_region, "io_size": per_amount,
+            "offset": offset, "offset_increment": per_region,
+            "randseed": 1000 + seed}
+    return run_fio(filename, opts, direct)

@@ -1,0 +1,343 @@
+"""Medians, ratios, the issue's targets, the stdout table and the PNG chart."""
+from __future__ import annotations
+
+from .fio import DESCRIPTION, IS_WRITE, METRIC, WORKLOADS
+from .util import MiB, summarize
+
+FIO_ORDER = ["plain", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix", "rd-sync-tcp",
+             "rd-async-tcp", "rd-sec"]
+CKPT_LABEL = {"qemu": "QEMU", "rd-sync": "repdisk sync", "rd-async": "repdisk async"}
+
+
+def _qemu_peer(key: str) -> str | None:
+    if key == "rd-sec":
+        return "qemu-sec"
+    if key.startswith("rd-"):
+        return "qemu-pri"
+    return None
+
+
+def _ratio(a, b):
+    if a is None or b is None or not b:
+        return None
+    return a["median"] / b["median"]
+
+
+def _first_error(errors: list[str]) -> str | None:
+    return errors[0] if errors else None
+
+
+def summarize_all(res: dict) -> dict:
+    """-> {"rows": [...], "checks": [...]}; each row: section, item, target, unit,
+    median/min/max/n (or na with a reason), ratios {name: value}, lower_is_better."""
+    rows: list[dict] = []
+
+    def add(section, item, target, unit, summ, errors=(), ratios=None, lower=False, extra=None):
+        row = {"section": section, "item": item, "target": target, "unit": unit,
+               "lower_is_better": lower, "ratios": {k: v for k, v in (ratios or {}).items()
+                                                    if v is not None}}
+        if summ:
+            row.update({k: summ[k] for k in ("median", "min", "max", "n")})
+        else:
+            row["na"] = _first_error(list(errors)) or "not measured"
+        if extra:
+            row.update(extra)
+        rows.append(row)
+        return row
+
+    fio = res.get("fio", {}).get("targets", {})
+    labels = res.get("fio", {}).get("labels", {})
+    fio_summ: dict = {}
+    for wl in WORKLOADS:
+        for io in ("direct", "buffered"):
+            for key in [k for k in FIO_ORDER if k in fio]:
+                cell = fio[key].get(io, {}).get(wl, {"runs": [], "errors": []})
+                field = "mibs" if METRIC[wl] == "MiB/s" else "iops"
+                runs = cell["runs"]
+                fio_summ[(wl, io, key)] = {
+                    "v": summarize([r[field] for r in runs]),
+                    "p50": summarize([r["p50_us"] for r in runs]),
+                    "p99": summarize([r["p99_us"] for r in runs]),
+                    "errors": cell["errors"],
+                }
+    for (wl, io, key), s in fio_summ.items():
+        ratios = {}
+        peer = _qemu_peer(key)
+        if peer and (wl, io, peer) in fio_summ:
+            ratios["xQEMU"] = _ratio(s["v"], fio_summ[(wl, io, peer)]["v"])
+        if key != "plain" and (wl, io, "plain") in fio_summ:
+            ratios["xplain"] = _ratio(s["v"], fio_summ[(wl, io, "plain")]["v"])
+        extra = {"workload": wl, "io": io, "key": key}
+        if s["p50"]:
+            extra["p50_us"] = s["p50"]["median"]
+            extra["p99_us"] = s["p99"]["median"]
+        add("fio", f"{DESCRIPTION[wl]}, {io}", labels.get(key, key), METRIC[wl], s["v"],
+            s["errors"], ratios, extra=extra)
+
+    ck = res.get("checkpoint", {})
+    systems = ck.get("systems", {})
+    for amount in ck.get("amounts", []):
+        base = None
+        for sysname in ["qemu", "rd-sync", "rd-async"]:
+            if sysname not in systems:
+                continue
+            rounds = systems[sysname]["rounds"].get(str(amount), [])
+            summ = summarize([1000 * r["total_s"] for r in rounds])
+            if sysname == "qemu":
+                base = summ
+            ratios = {"xQEMU": _ratio(summ, base)} if sysname != "qemu" else {}
+            add("checkpoint", f"checkpoint after {amount // MiB} MiB (pri+sec)",
+                CKPT_LABEL[sysname], "ms", summ, systems[sysname]["errors"], ratios, lower=True,
+                extra={"key": sysname, "amount": amount,
+                       "primary_ms": (summarize([1000 * r["primary_s"] for r in rounds]) or {}).get("median"),
+                       "secondary_ms": (summarize([1000 * r["secondary_s"] for r in rounds]) or {}).get("median")})
+    for amount in ck.get("amounts", []):
+        base = None
+        for sysname in ["qemu", "rd-sync", "rd-async"]:
+            if sysname not in systems:
+                continue
+            rounds = systems[sysname]["rounds"].get(str(amount), [])
+            summ = summarize([r["hidden_per_byte"] for r in rounds])
+            if sysname == "qemu":
+                base = summ
+            ratios = {"xQEMU": _ratio(summ, base)} if sysname != "qemu" else {}
+            add("checkpoint", f"hidden bytes / primary byte after {amount // MiB} MiB",
+                CKPT_LABEL[sysname], "x", summ, systems[sysname]["errors"], ratios, lower=True,
+                extra={"key": sysname, "amount": amount})
+    base = None
+    for sysname in ["qemu", "rd-sync", "rd-async"]:
+        if sysname not in systems:
+            continue
+        fos = systems[sysname]["failover"]
+        summ = summarize([1000 * f["seconds"] for f in fos])
+        if sysname == "qemu":
+            base = summ
+        ratios = {"xQEMU": _ratio(summ, base)} if sysname != "qemu" else {}
+        amount = ck.get("failover_amount", 0)
+        add("checkpoint", f"failover commit after {amount // MiB} MiB", CKPT_LABEL[sysname],
+            "ms", summ, systems[sysname]["errors"], ratios, lower=True,
+            extra={"key": sysname, "amount": amount})
+    base = None
+    for sysname in ["qemu", "rd-sync", "rd-async"]:
+        if sysname not in systems:
+            continue
+        fos = systems[sysname]["failover"]
+        summ = summarize([1000 * f["command_s"] for f in fos if f.get("command_s") is not None])
+        if sysname == "qemu":
+            base = summ
+        ratios = {"xQEMU": _ratio(summ, base)} if sysname != "qemu" else {}
+        add("checkpoint", "  ... until the failover command returns", CKPT_LABEL[sysname],
+            "ms", summ, systems[sysname]["errors"], ratios, lower=True,
+            extra={"key": sysname, "amount": ck.get("failover_amount", 0)})
+
+    sy = res.get("sync", {})
+    if sy.get("runs"):
+        size = sy["size"]
+        mib = size / MiB
+        sums = {k: summarize([mib / r["seconds"] for r in v]) for k, v in sy["runs"].items()}
+        errors = sy.get("errors", [])
+        for k in sorted(sums, key=lambda k: (not k.startswith("repdisk"), k)):
+            ratios = {}
+            if k.startswith("repdisk-"):
+                peer = "nbdcopy-" + k
+                ratios["xnbdcopy"] = _ratio(sums[k], sums.get(peer))
+                label = f"repdisk initial sync ({k.split('-')[1]})"
+            elif k.startswith("nbdcopy-repdisk"):
+                label = f"nbdcopy -> repdisk secondary ({k.split('-')[2]})"
+            else:
+                label = "nbdcopy -> QEMU secondary (tcp)"
+            add("sync", f"initial sync {size // MiB} MiB (half data, half holes)", label,
+                "MiB/s", sums[k], [e for e in errors if e.startswith(k)], ratios,
+                extra={"key": k})
+
+    no = res.get("nodes", {})
+    nsys = no.get("systems", {})
+    for metric, unit, label in (("startup", "s", "start-up"), ("rss_idle", "MiB", "RSS idle, 1 TiB disk"),
+                                ("rss_after_writes", "MiB",
+                                 f"RSS after {no.get('write', 0) // MiB} MiB random writes")):
+        for role in ("secondary", "primary"):
+            base = None
+            for sysname in ["qemu", "repdisk"]:
+                if sysname not in nsys:
+                    continue
+                runs = nsys[sysname]["runs"]
+                scale = 1 if unit == "s" else 1 / MiB
+                summ = summarize([r[metric][role] * scale for r in runs if role in r[metric]])
+                if sysname == "qemu":
+                    base = summ
+                ratios = {"xQEMU": _ratio(summ, base)} if sysname != "qemu" else {}
+                add("nodes", f"{label}, {role}", "QEMU" if sysname == "qemu" else "repdisk",
+                    unit, summ, nsys[sysname]["errors"], ratios, lower=True,
+                    extra={"key": sysname, "role": role, "metric": metric})
+    return {"rows": rows, "checks": checks(rows, res)}
+
+
+def checks(rows: list[dict], res: dict) -> list[dict]:
+    """The issue's targets, evaluated on this run's medians."""
+    out = []
+
+    def check(target, item, value, ok, note=""):
+        out.append({"target": target, "item": item, "value": value, "ok": ok, "note": note})
+
+    for r in rows:
+        if r["section"] != "fio" or not r.get("key", "").startswith("rd-"):
+            continue
+        x = r["ratios"].get("xQEMU")
+        key, wl = r["key"], r["workload"]
+        what = f"{r['target']}: {r['item']}"
+        if "na" in r:
+            continue
+        if x is None:
+            continue
+        if key == "rd-sec":
+            check("secondary view >= 1.0x QEMU", what, x, x >= 1.0)
+        elif IS_WRITE[wl] and "-sync-" in key:
+            check("sync writes >= 1.0x QEMU", what, x, x >= 1.0)
+        elif IS_WRITE[wl] and "-async-" in key:
+            check("async writes >= 1.5x QEMU", what, x, x >= 1.5)
+        elif not IS_WRITE[wl]:
+            check("primary reads >= 1.0x QEMU", what, x, x >= 1.0)
+    ck = [r for r in rows if r["section"] == "checkpoint" and "median" in r]
+    amounts = res.get("checkpoint", {}).get("amounts", [])
+    top = max(amounts) if amounts else None
+    for r in ck:
+        if r["item"].startswith("checkpoint after") and r.get("amount") == top \
+                and r["key"] != "qemu":
+            check("checkpoint <= 10 ms at 256 MiB", f"{r['target']}: {r['item']}",
+                  r["median"], r["median"] <= 10.0,
+                  "" if top == 256 * MiB else f"measured at {top // MiB} MiB")
+        if r["item"].startswith("failover") and r["key"] != "qemu" and "xQEMU" in r["ratios"]:
+            x = r["ratios"]["xQEMU"]
+            check("failover commit >= 2x faster than QEMU", f"{r['target']}: {r['item']}",
+                  1 / x if x else None, x <= 0.5, "value = QEMU time / repdisk time")
+        if r["item"].startswith("hidden") and r["key"] != "qemu":
+            check("hidden overlay <= 1.1x primary bytes", f"{r['target']}: {r['item']}",
+                  r["median"], r["median"] <= 1.1)
+    for r in rows:
+        if r["section"] == "sync" and r.get("key", "").startswith("repdisk-") and "median" in r:
+            x = r["ratios"].get("xnbdcopy")
+            if x is not None:
+                check("initial sync >= 0.8x nbdcopy", r["target"], x, x >= 0.8)
+        if r["section"] == "nodes" and r["target"] == "repdisk" and "median" in r:
+            if r["metric"] == "rss_idle":
+                check("idle RSS <= 150 MiB per node (1 TiB disk)", r["item"], r["median"],
+                      r["median"] <= 150)
+            if r["metric"] == "startup":
+                check("start-up <= 1 s", r["item"], r["median"], r["median"] <= 1.0)
+    return out
+
+
+def _fmt(v, unit=""):
+    if v is None:
+        return "-"
+    if unit == "IOPS" or abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}" if abs(v) >= 0.1 else f"{v:.3f}"
+
+
+def table(res: dict, summary: dict) -> str:
+    meta = res["meta"]
+    lines = [f"repdisk benchmark  {meta['started']}  git {meta['git']}  "
+             f"{'quick' if meta['quick'] else 'full'} mode, {meta['config']['reps']} reps, "
+             f"{meta['cpus']} CPUs, kernel {meta['kernel']}, {meta['qemu']}",
+             "figures: median (min-max) of the repetitions; xQEMU/xplain = repdisk / baseline "
+             "(for ms, MiB and x rows lower is better)"]
+    if not meta.get("repdisk"):
+        lines.append(f"repdisk not measured: {meta.get('repdisk_unavailable_reason')}")
+    head = f"{'item':46} {'target':28} {'median':>10} {'(min-max)':>21} {'unit':6} " \
+           f"{'p50us':>8} {'p99us':>8}  ratios"
+    section = None
+    for r in summary["rows"]:
+        if r["section"] != section:
+            section = r["section"]
+            lines += ["", f"== {section} ==", head]
+        if "na" in r:
+            val = f"{'n/a':>10} {'':21}"
+            tail = "  " + r["na"][:110]
+        else:
+            spread = f"({_fmt(r['min'], r['unit'])}-{_fmt(r['max'], r['unit'])})"
+            val = f"{_fmt(r['median'], r['unit']):>10} {spread:>21}"
+            tail = "  " + "  ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items())
+        p50 = _fmt(r.get("p50_us")) if "p50_us" in r else ""
+        p99 = _fmt(r.get("p99_us")) if "p99_us" in r else ""
+        lines.append(f"{r['item'][:46]:46} {r['target'][:28]:28} {val} {r['unit']:6} "
+                     f"{p50:>8} {p99:>8}{tail}")
+    if summary["checks"]:
+        lines += ["", "== the issue's targets on this run =="]
+        for c in summary["checks"]:
+            v = "-" if c["value"] is None else f"{c['value']:.3g}"
+            note = f"  ({c['note']})" if c["note"] else ""
+            lines.append(f"{'HOLD' if c['ok'] else 'MISS'}  {c['target']:42} {v:>8}  {c['item']}{note}")
+        n_ok = sum(c["ok"] for c in summary["checks"])
+        lines.append(f"{n_ok} of {len(summary['checks'])} hold")
+    return "\n".join(lines)
+
+
+def chart(res: dict, summary: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fig, axes = plt.subplots(4, 4, figsize=(22, 19))
+    axes = axes.flatten()
+    i = 0
+    for wl in WORKLOADS:
+        for io in ("direct", "buffered"):
+            ax = axes[i]
+            i += 1
+            sel = [r for r in rows if r["section"] == "fio" and r["workload"] == wl and r["io"] == io]
+            _bars(ax, sel, f"{DESCRIPTION[wl]}, {io}", METRIC[wl])
+    for title, pred, unit in (
+            ("checkpoint latency (pri+sec)", lambda r: r["item"].startswith("checkpoint"), "ms"),
+            ("hidden bytes per primary byte", lambda r: r["item"].startswith("hidden"), "x"),
+            ("failover commit", lambda r: r["item"].startswith("failover"), "ms")):
+        sel = [dict(r, target=f"{r['target']} {r.get('amount', 0) // MiB}M") for r in rows
+               if r["section"] == "checkpoint" and pred(r)]
+        _bars(axes[i], sel, title, unit, log=(unit == "ms"))
+        i += 1
+    _bars(axes[i], [r for r in rows if r["section"] == "sync"], "initial sync / nbdcopy", "MiB/s")
+    i += 1
+    for metric, title, unit in (("rss_idle", "RSS idle, 1 TiB disk", "MiB"),
+                                ("rss_after_writes", "RSS after random writes", "MiB"),
+                                ("startup", "start-up", "s")):
+        sel = [dict(r, target=f"{r['target']} {r['role'][:3]}") for r in rows
+               if r["section"] == "nodes" and r.get("metric") == metric]
+        _bars(axes[i], sel, title, unit)
+        i += 1
+    for ax in axes[i:]:
+        ax.axis("off")
+    meta = res["meta"]
+    fig.suptitle(f"repdisk benchmark {meta['started']} ({'quick' if meta['quick'] else 'full'}, "
+                 f"median of {meta['config']['reps']}, bars min-max)")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _bars(ax, sel, title, unit, log=False):
+    ax.set_title(title, fontsize=10)
+    sel = [r for r in sel if "median" in r]
+    if not sel:
+        ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
+        ax.set_yticks([])
+        return
+    names = [r["target"] for r in sel]
+    med = [r["median"] for r in sel]
+    err = [[r["median"] - r["min"] for r in sel], [r["max"] - r["median"] for r in sel]]
+    colors = ["#888888" if "plain" in n else "#d62728" if "QEMU" in n or "nbdcopy" in n
+              else "#1f77b4" for n in names]
+    y = range(len(sel))
+    ax.barh(list(y), med, xerr=err, color=colors, capsize=3)
+    for yy, m in zip(y, med):
+        ax.text(m, yy, " " + _fmt(m, unit), va="center", fontsize=7)
+    ax.set_yticks(list(y))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(unit)
+    if log and min(med) > 0:
+        ax.set_xscale("log")
