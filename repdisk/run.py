@@ -36,7 +36,7 @@ def run_secondary(args) -> int:
     node.server = server
 
     async def shutdown():
-        await trio.to_thread.run_sync(stack.flush)
+        await trio.to_thread.run_sync(stack.flush_replica)
 
     def ready():
         log.info("secondary ready: %s (%d bytes) at %s, NBD on %s", args.disk, image.size, args.mount, node.listen)
@@ -49,7 +49,7 @@ def run_secondary(args) -> int:
     try:
         trio.run(functools.partial(
             serve_node, node, args.mount, "repdisk-secondary",
-            services=[node.run_discarder, nbd_service], on_ready=ready, shutdown=shutdown))
+            services=[nbd_service], on_ready=ready, shutdown=shutdown))
     finally:
         stack.close()
         os.close(lock)

@@ -75,4 +75,4 @@ class StackReplicaDevice:
     trim = zero
 
     def flush(self) -> None:
-        self.stack.flush()
+        self.stack.flush_replica()

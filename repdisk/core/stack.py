@@ -110,7 +110,9 @@ class SecondaryStack:
         need.bits = ~held
         for a, b in need.runs():
             start, n = geo.byte_range(b0 + a, b0 + b)
-            if not self.replica.is_hole(start, n):
+            if self.replica.is_hole(start, n):
+                hidden.clear_stale(start, n)  # a hole: take it over, nothing to copy
+            else:
                 self.replica.copy_to(hidden.file, start, n)
             hidden.map.set(b0 + a, b0 + b)
 
@@ -125,19 +127,25 @@ class SecondaryStack:
         self._protect(offset, length)
         self.replica.punch(offset, length)
 
-    def flush(self) -> None:
-        """Make everything written so far durable (blocking: run it in a thread)."""
+    def flush_replica(self) -> None:
+        """NBD FLUSH: make the primary's writes durable (blocking).  The
+        overlays need no durability: they are dropped when the node restarts."""
         self.replica.fsync()
-        if not self.standalone:
-            self.hidden.file.fsync()
+
+    def flush_view(self) -> None:
+        """fsync of the view (blocking)."""
+        if self.standalone:
+            self.replica.fsync()
+        else:
             self.active.file.fsync()
+            self.hidden.file.fsync()
 
     # ---- checkpoint and failover ---------------------------------------------
 
-    def checkpoint(self) -> list[RawImage]:
-        """Drop both overlays: the view becomes the replica (the primary's disk).
-        Returns the old overlay files for the caller to close off the hot path."""
-        return [self.hidden.reset(), self.active.reset()]
+    def checkpoint(self) -> None:
+        """Drop both overlays: the view becomes the replica (the primary's disk)."""
+        self.hidden.reset()
+        self.active.reset()
 
     @property
     def commit_pending(self) -> int:
@@ -187,12 +195,12 @@ class SecondaryStack:
     def commit_done(self, layer: Overlay, first: int, end: int) -> None:
         layer.map.clear(first, end)
 
-    def finish_commit(self) -> list[RawImage]:
+    def finish_commit(self) -> None:
         """Both overlays are merged: serve the view from the replica from now on."""
-        assert not self.hidden.map.any() and not self.active.map.any()
+        if self.hidden.map.any() or self.active.map.any():
+            raise RuntimeError("finish_commit with blocks left in the overlays")
         self.standalone = True
         self.committing = False
-        return [self.hidden.reset(), self.active.reset()]
 
     def close(self) -> None:
         self.hidden.close()

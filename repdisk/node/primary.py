@@ -374,6 +374,8 @@ class PrimaryNode:
             if timeout.cancelled_caught:
                 log.warning("final flush to the secondary did not finish within 10 s")
         self._stopping = True
+        if link is not None:
+            await _close_quietly(link)  # NBD_CMD_DISC: the secondary sees a clean disconnect
         await trio.to_thread.run_sync(self.image.fsync)
 
 

@@ -36,7 +36,6 @@ class SecondaryNode:
         self._commit_moved = trio.Event()
         self._invalidate = invalidate  # async callable: drop the kernel's cached view
         self._lock = trio.Lock()  # one command at a time
-        self._discard_send = None
 
     @property
     def size(self) -> int:
@@ -77,23 +76,7 @@ class SecondaryNode:
         return offset < b and a < offset + length
 
     async def disk_fsync(self) -> None:
-        await trio.to_thread.run_sync(self.stack.flush)
-
-    async def run_discarder(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Close dropped overlay files in the background.  Closing the last
-        reference frees their extents, which can take seconds (one discard per
-        extent on a file system mounted with -o discard): a checkpoint must
-        not wait for it.  One file at a time, so they cannot pile up threads."""
-        self._discard_send, receive = trio.open_memory_channel(1000)
-        task_status.started()
-        async for files in receive:
-            await trio.to_thread.run_sync(_close_all, files)
-
-    def _discard(self, files) -> None:
-        try:
-            self._discard_send.send_nowait(files)
-        except (AttributeError, trio.WouldBlock):  # no background task, or a huge backlog
-            _close_all(files)
+        await trio.to_thread.run_sync(self.stack.flush_view)
 
     # ---- control ------------------------------------------------------------
     def status(self) -> dict:
@@ -130,13 +113,12 @@ class SecondaryNode:
 
     async def checkpoint(self) -> None:
         self._event("checkpoint")
-        old = self.stack.checkpoint()  # atomic: no await between the drop and the epoch
+        self.stack.checkpoint()  # atomic: no await between the drop and the epoch
         self.epoch += 1
         self.error = None
         log.info("checkpoint %d: overlays dropped", self.epoch)
         if self._invalidate is not None:
             await self._invalidate()
-        self._discard(old)
 
     async def failover(self) -> None:
         self._event("failover")
@@ -155,11 +137,10 @@ class SecondaryNode:
         finally:
             self._commit_range = None
             self._commit_moved.set()
-        old = self.stack.finish_commit()
+        self.stack.finish_commit()
         self._event("commit_done")
         self.commit.finish()
         log.info("failover done: %d bytes committed in %.3f s", self.commit.done, self.commit.elapsed)
-        self._discard(old)
 
     async def _commit(self) -> None:
         stack, geo = self.stack, self.stack.geometry
@@ -174,8 +155,3 @@ class SecondaryNode:
             self._commit_moved = trio.Event()
             self.commit.add(done)
             self.commit.total = max(self.commit.total, self.commit.done)  # view writes added some
-
-
-def _close_all(files) -> None:
-    for f in files:
-        f.close()
