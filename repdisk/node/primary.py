@@ -52,7 +52,8 @@ class PrimaryNode:
 
     def __init__(self, image: RawImage, *, uri: str, mode: str = "sync", block_size: int = 4096,
                  async_queue: int = 64 << 20, assume_synced: bool = False, connect_timeout: float = 10.0,
-                 link_factory=None, meta_path: str | None = None, al_path: str | None = None):
+                 link_factory=None, meta_path: str | None = None, al_path: str | None = None,
+                 al_extents: int = AL_SLOTS):
         self.image = image
         self.geometry = Geometry(image.size, block_size)
         self.uri = uri
@@ -82,6 +83,7 @@ class PrimaryNode:
         self._force = False  # 'resolve discard-secondary': overwrite whatever the secondary holds
         self._plain = False  # the secondary is a plain NBD server (no repdisk identity)
         self.meta_path, self.al_path = meta_path, al_path
+        self.al_extents = al_extents
         self.meta_problem: str | None = None
         self.meta = self._load_meta(assume_synced)
         self.epoch = self.meta.epoch
@@ -202,9 +204,9 @@ class PrimaryNode:
     async def _al_add(self, e: int) -> None:
         ev = self._al[e] = trio.Event()
         victims = []
-        if len(self._al) > AL_SLOTS:
+        if len(self._al) > self.al_extents:
             for x in self._al:
-                if len(self._al) - len(victims) <= AL_SLOTS:
+                if len(self._al) - len(victims) <= self.al_extents:
                     break
                 if x != e and not self._al_busy[x] and self._al[x].is_set():
                     victims.append(x)
@@ -543,7 +545,7 @@ class PrimaryNode:
             "secondary_generation": f"{self.meta.peer_gen:x}",
             "resync_kind": self.resync_kind,
             "metadata_problem": self.meta_problem,
-            "activity_log": {"extents": len(self._al), "extent_bytes": 1 << AL_SHIFT, "max_extents": AL_SLOTS,
+            "activity_log": {"extents": len(self._al), "extent_bytes": 1 << AL_SHIFT, "max_extents": self.al_extents if self._al_fd is not None else 0,
                              "writes": self.al_writes},
         }
         if self.verify.started is not None:
