@@ -9,7 +9,8 @@ from repdisk.core import meta as md
 
 def test_meta_round_trip_and_atomic_replace(tmp_path):
     p = str(tmp_path / "x.meta")
-    m = md.Meta(node="n1", disk="d1", gen=md.new_gen(), peer_gen=5, epoch=3, clean=True, nbits=13, bitmap=b"\xff\x01")
+    m = md.Meta(node="n1", disk="d1", gen=md.new_gen(), peer_gen=5, epoch=3, clean=True, nbits=13, bitmap=b"\xff\x01",
+                boot=md.boot_id())
     md.save_meta(p, m)
     got = md.load_meta(p)
     assert got == m

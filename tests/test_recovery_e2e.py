@@ -184,3 +184,26 @@ def test_verify_finds_and_repairs_a_difference(nodes, tmp_path):
     s = wait_until(lambda: (v := pri.status().get("verify")) and not v["running"] and v, what="verify")
     assert s["result"] == "identical"
     assert same_images(pri, sec)
+
+
+def test_secondary_host_crash_means_full_sync(nodes, tmp_path):
+    """A kill -9 keeps the replica's page cache; a host crash does not.  A
+    secondary that finds its metadata unclean and from another boot forgets
+    its lineage, so the primary sends everything."""
+    from repdisk.core import meta as md
+
+    pri, sec = start_pair(nodes, tmp_path, size=SIZE)
+    write_file(pri.disk, b"x" * 4096, 0)
+    sec.kill()
+    path = str(tmp_path / "sec.img.meta")
+    m = md.load_meta(path)
+    assert not m.clean and m.disk == pri.status()["disk_id"]
+    m.boot = "another-boot"  # as if the host had restarted
+    md.save_meta(path, m)
+    sec.start()
+    assert sec.status()["disk_id"] is None
+    assert "host restarted" in sec.log()
+    pri.command("reconnect")
+    s = pri.wait_state("replicating")
+    assert s["resync_kind"] == "full" and s["sync"]["done"] == SIZE
+    assert same_images(pri, sec)

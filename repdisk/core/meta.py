@@ -56,7 +56,17 @@ class Meta:
     epoch: int = 0  # checkpoints done
     clean: bool = False  # True only when written by a clean stop
     nbits: int = 0  # bits in `bitmap`
+    boot: str = ""  # the kernel's boot id when the node last started: tells a host crash from a process crash
     bitmap: bytes | None = field(default=None, repr=False)  # primary: blocks not on the secondary
+
+
+def boot_id() -> str:
+    """This boot of the host (Linux); "" when unknown."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def new_id() -> str:
@@ -69,7 +79,7 @@ def new_gen() -> int:
 
 def encode_meta(m: Meta) -> bytes:
     doc = {"node": m.node, "disk": m.disk, "gen": m.gen, "peer_gen": m.peer_gen, "epoch": m.epoch,
-           "clean": m.clean, "nbits": m.nbits if m.bitmap is not None else 0}
+           "clean": m.clean, "nbits": m.nbits if m.bitmap is not None else 0, "boot": m.boot}
     js = json.dumps(doc, sort_keys=True).encode()
     bm = m.bitmap or b""
     crc = zlib.crc32(bm, zlib.crc32(js))
@@ -94,7 +104,7 @@ def decode_meta(data: bytes) -> Meta:
         doc = json.loads(js)
         m = Meta(node=str(doc["node"]), disk=doc["disk"], gen=int(doc["gen"]), peer_gen=int(doc["peer_gen"]),
                  epoch=int(doc["epoch"]), clean=bool(doc["clean"]), nbits=int(doc["nbits"]),
-                 bitmap=bm if blen else None)
+                 bitmap=bm if blen else None, boot=str(doc.get("boot", "")))
     except (ValueError, KeyError, TypeError) as e:
         raise MetaError(f"bad content: {e}") from None
     if m.bitmap is not None and len(m.bitmap) != (m.nbits + 7) // 8:

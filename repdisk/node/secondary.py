@@ -49,14 +49,22 @@ class SecondaryNode:
     def _load_meta(self) -> md.Meta:
         if self.meta_path is None:
             return md.Meta(node=md.new_id())
+        boot = md.boot_id()
         try:
             m = md.load_meta(self.meta_path)
             log.info("metadata: node %s, disk %s, generation %x", m.node, m.disk, m.gen)
+            if not m.clean and m.disk is not None and m.boot != boot:
+                # The host went down under us: what the replica acknowledged was in
+                # the page cache and may be lost.  Only a full sync is safe.
+                log.warning("%s: the host restarted since this node last ran (unclean stop): "
+                            "forgetting disk %s, the primary will do a full sync", self.meta_path, m.disk)
+                m.disk, m.gen = None, 0
         except md.MetaError as e:
             # Safe choice: belong to no disk, so the next primary does a full sync.
             log.warning("%s; starting as a new node: the primary will do a full sync", e)
             m = md.Meta(node=md.new_id())
         m.clean = False
+        m.boot = boot
         self._save(m)
         return m
 
