@@ -35,8 +35,9 @@ def lazy_unmount(path: str) -> None:
 
 
 class Node:
-    def __init__(self, role: str, args: list[str], mount: str, log_path: str):
+    def __init__(self, role: str, args: list[str], mount: str, log_path: str, prefix=()):
         self.role, self.args, self.mount, self.log_path = role, args, mount, log_path
+        self.prefix = list(prefix)  # e.g. nsenter --net=...: run the node in another network namespace
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -52,7 +53,7 @@ class Node:
         if self._log is not None and not self._log.closed:
             self._log.close()
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "repdisk", self.role, *self.args],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "repdisk", self.role, *self.args],
                                      stdout=self._log, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready()

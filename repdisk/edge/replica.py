@@ -860,6 +860,15 @@ class ReplicaLink:
 
     # -- failure --------------------------------------------------------------
 
+    def completions(self) -> int:
+        """Replies received so far (all request kinds): progress for a watchdog."""
+        return sum(c.completed + c.failed for c in self._ctr.values())
+
+    def abort(self, reason: str) -> None:
+        """Declare the link dead (e.g. the secondary stopped answering): every
+        request in flight is failed and reported to on_failure."""
+        self._fail(ReplicaError(f"replica link to {self.uri}: {reason}", _errno.ETIMEDOUT))
+
     def _fail(self, error: ReplicaError, level: int = logging.ERROR) -> None:
         """The link is dead: report and wake everything, stop run()."""
         if self.failed is not None:

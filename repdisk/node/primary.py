@@ -53,7 +53,7 @@ class PrimaryNode:
     def __init__(self, image: RawImage, *, uri: str, mode: str = "sync", block_size: int = 4096,
                  async_queue: int = 64 << 20, assume_synced: bool = False, connect_timeout: float = 10.0,
                  link_factory=None, meta_path: str | None = None, al_path: str | None = None,
-                 al_extents: int = AL_SLOTS):
+                 al_extents: int = AL_SLOTS, io_timeout: float = 10.0):
         self.image = image
         self.geometry = Geometry(image.size, block_size)
         self.uri = uri
@@ -84,6 +84,7 @@ class PrimaryNode:
         self._plain = False  # the secondary is a plain NBD server (no repdisk identity)
         self.meta_path, self.al_path = meta_path, al_path
         self.al_extents = al_extents
+        self.io_timeout = io_timeout
         self.meta_problem: str | None = None
         self.meta = self._load_meta(assume_synced)
         self.epoch = self.meta.epoch
@@ -393,6 +394,7 @@ class PrimaryNode:
                 self.error = None
                 log.info("connected to secondary %s (%s)", self.uri, identity or "plain NBD server")
                 nursery.start_soon(self._sync_then_replicate, link)
+                nursery.start_soon(self._watchdog, link)
                 await self._link_down.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -401,6 +403,22 @@ class PrimaryNode:
             self._sync_window = None
             with trio.CancelScope(shield=True):
                 await _close_quietly(link)
+
+    async def _watchdog(self, link) -> None:
+        """A cut network does not break a TCP connection for many minutes:
+        declare the secondary lost when requests are in flight and none has
+        been answered for io_timeout seconds."""
+        if self.io_timeout <= 0 or not hasattr(link, "completions"):
+            return
+        last, since = link.completions(), time.monotonic()
+        while link.failed is None:
+            await trio.sleep(min(1.0, self.io_timeout / 4))
+            now, done = time.monotonic(), link.completions()
+            if done != last or not link.inflight_requests:
+                last, since = done, now
+            elif now - since >= self.io_timeout:
+                link.abort(f"no reply for {self.io_timeout:g} s with {link.inflight_requests} requests in flight")
+                return
 
     async def _run_link(self, link, *, task_status=trio.TASK_STATUS_IGNORED):
         try:
