@@ -53,7 +53,7 @@ class PrimaryNode:
     def __init__(self, image: RawImage, *, uri: str, mode: str = "sync", block_size: int = 4096,
                  async_queue: int = 64 << 20, assume_synced: bool = False, connect_timeout: float = 10.0,
                  link_factory=None, meta_path: str | None = None, al_path: str | None = None,
-                 al_extents: int = AL_SLOTS, io_timeout: float = 10.0):
+                 al_extents: int = AL_SLOTS, io_timeout: float = 10.0, resync_rate: int = 0):
         self.image = image
         self.geometry = Geometry(image.size, block_size)
         self.uri = uri
@@ -85,6 +85,7 @@ class PrimaryNode:
         self.meta_path, self.al_path = meta_path, al_path
         self.al_extents = al_extents
         self.io_timeout = io_timeout
+        self.resync_rate = resync_rate  # bytes/s of (re)sync, 0: unlimited
         self.meta_problem: str | None = None
         self.meta = self._load_meta(assume_synced)
         self.epoch = self.meta.epoch
@@ -105,6 +106,7 @@ class PrimaryNode:
         self._verify_window: tuple[int, int] | None = None
         self._verify_touched = False
         self._link_nursery = None
+        self._stopping = False  # shutdown ran: closing the link is not losing the secondary
 
     @property
     def size(self) -> int:
@@ -315,7 +317,7 @@ class PrimaryNode:
         self._link_failed(error)
 
     def _link_failed(self, error) -> None:
-        if self.state in (st.P_SYNCING, st.P_REPLICATING):
+        if self.state in (st.P_SYNCING, st.P_REPLICATING) and not self._stopping:
             self.error = f"secondary lost: {error}"
             log.warning("%s; tracking changed blocks from now on", self.error)
             self._event("link_failed")
@@ -444,6 +446,9 @@ class PrimaryNode:
         geo, dirty, image = self.geometry, self.dirty, self.image
         self.sync.start(dirty.count() << geo.shift)
         per = SYNC_CHUNK >> geo.shift
+        if self.resync_rate > 0:
+            per = max(1, min(per, (self.resync_rate // 10) >> geo.shift))  # about 10 steps a second
+        t0 = trio.current_time()
         pos = 0
         while True:
             a = dirty.bits.find(1, pos)
@@ -471,6 +476,10 @@ class PrimaryNode:
                 self.sync.total = self.sync.done + n
             self.sync.add(n)
             pos = b
+            if self.resync_rate > 0:  # do not starve the VM: stay at or under the rate
+                ahead = self.sync.done / self.resync_rate - (trio.current_time() - t0)
+                if ahead > 0:
+                    await trio.sleep(ahead)
         await link.drain()
         if link.failed is not None:
             raise link.failed
@@ -700,6 +709,7 @@ class PrimaryNode:
                 except RepdiskError as e:
                     log.warning("final flush to the secondary failed: %s", e)
         await trio.to_thread.run_sync(self.image.fsync)
+        self._stopping = True
         # A clean stop: the bitmap holds everything the secondary lacks.  Without a
         # drained link, in-flight writes are only covered by the activity log.
         self.meta.clean = drained or (link is not None and link.failed is not None)
