@@ -332,6 +332,7 @@ class NbdServer:
         self._next_id += 1
         self._counters["connections"] += 1
         peer = _peer_text(stream.socket, self._next_id)
+        _detect_dead_peer(stream.socket)
         refusal = self._reason
         if refusal is None and self._slot is not None:
             refusal = (
@@ -746,3 +747,20 @@ def _remove_socket(path: str, created: tuple[int, int]) -> None:
             os.unlink(path)
     except OSError:
         pass
+
+
+def _detect_dead_peer(sock) -> None:
+    """A primary whose host died (or whose network was cut and never came
+    back) would hold the one client slot for ever: TCP keepalive probes an
+    idle connection after 10 s, and TCP_USER_TIMEOUT ends one whose data has
+    gone unacknowledged for 30 s.  Unix sockets need neither."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30_000)
+    except (OSError, AttributeError) as e:  # not Linux
+        log.debug("cannot set TCP keepalive: %s", e)
