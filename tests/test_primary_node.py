@@ -192,3 +192,40 @@ def test_clean_stop_keeps_the_bitmap_and_resync_rate_is_kept(tmp_path):
     assert m.clean and m.disk == sec.disk and m.gen == m.peer_gen == sec.gen
     node2 = make_node(tmp_path, sec)
     assert not node2.dirty.any()
+
+
+def test_metadata_written_during_a_sync_keeps_what_is_not_yet_sent(tmp_path):
+    """The sync clears dirty bits before it sends the blocks: a metadata write
+    (state change, eviction) in between must still list them."""
+    sec = FakeSecondary(SIZE)
+    gate = trio.Event()
+
+    class SlowLink(FakeLink):
+        async def write(self, buf, offset, wait=True):
+            await gate.wait()
+            await super().write(buf, offset, wait)
+
+        zero = FakeLink.zero
+
+    (tmp_path / "pri.img").write_bytes(b"\x01" * SIZE)  # data, so the sync sends writes
+    node = make_node(tmp_path, sec)
+    node._link_factory = lambda uri: SlowLink(sec, uri)
+    persisted = []
+
+    async def main(node):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.supervise)
+            while node._sync_window is None:
+                await trio.sleep(0.01)
+            node._persist()
+            persisted.append(md.load_meta(str(tmp_path / "pri.img.meta")))
+            gate.set()
+            await wait_state(node, st.P_REPLICATING)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, node, clock=trio.testing.MockClock(autojump_threshold=0))
+    from repdisk.core.bitmap import Bitmap
+
+    bm = Bitmap.from_bytes(persisted[0].bitmap, persisted[0].nbits)
+    assert bm.count() == len(bm)  # everything is still owed to the secondary
+    assert bytes(sec.data) == b"\x01" * SIZE

@@ -64,6 +64,7 @@ class PrimaryNode:
         self.epoch = 0
         self.error: str | None = None
         self.dirty = Bitmap(self.geometry.nblocks)
+        self._sync_base = None  # the dirty bits when the running sync started
         self.sync = Progress()
         self.link = None
         self.peer_identity: str | None = None  # the secondary's export description
@@ -181,7 +182,8 @@ class PrimaryNode:
             return
         m = self.meta
         m.epoch = self.epoch if hasattr(self, "epoch") else m.epoch
-        m.nbits, m.bitmap = len(self.dirty), self.dirty.to_bytes()
+        bits = self.dirty.bits if self._sync_base is None else self.dirty.bits | self._sync_base
+        m.nbits, m.bitmap = len(bits), bits.tobytes()
         try:
             md.save_meta(self.meta_path, m)
         except OSError as e:
@@ -449,6 +451,21 @@ class PrimaryNode:
         if self.resync_rate > 0:
             per = max(1, min(per, (self.resync_rate // 10) >> geo.shift))  # about 10 steps a second
         t0 = trio.current_time()
+        # Until the sync is drained, what it cleared may not be on the secondary
+        # yet: the persisted bitmap keeps it (see _persist).
+        self._sync_base = dirty.bits.copy()
+        try:
+            await self._sync_loop(link, per, t0)
+        except RepdiskError:
+            raise  # the link failed: what was in flight is marked dirty again by on_failure
+        except BaseException:
+            dirty.bits |= self._sync_base  # cancelled: in flight is unknown, resend all of it
+            raise
+        finally:
+            self._sync_base = None
+
+    async def _sync_loop(self, link, per: int, t0: float) -> None:
+        geo, dirty, image = self.geometry, self.dirty, self.image
         pos = 0
         while True:
             a = dirty.bits.find(1, pos)
@@ -470,6 +487,9 @@ class PrimaryNode:
                         await link.zero(off, length, wait=False)
                     else:
                         await link.write(data, off, wait=False)
+            except BaseException:
+                dirty.set(a, b)  # not (all) submitted: send it again later
+                raise
             finally:
                 self._sync_window = None
             if self.sync.total < self.sync.done + n:
@@ -503,7 +523,10 @@ class PrimaryNode:
             await self._write(offset, buf)
         finally:
             for e in range(e0, e1 + 1):
-                busy[e] -= 1
+                if busy[e] == 1:
+                    del busy[e]
+                else:
+                    busy[e] -= 1
 
     async def _write(self, offset: int, buf) -> None:
         geo = self.geometry
@@ -688,6 +711,8 @@ class PrimaryNode:
         finally:
             self._verify_window = None
             self.verify.finish()
+            if self.verify_result == "running":
+                self.verify_result = "interrupted: the secondary was lost"
         nbytes = sum(b - a for a, b in diffs) << geo.shift
         self.verify_result = f"{len(diffs)} differing ranges, {nbytes} bytes" if diffs else "identical"
         log.info("verify done: %s", self.verify_result)
