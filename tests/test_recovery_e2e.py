@@ -121,8 +121,8 @@ def test_split_brain_is_refused_on_both_sides_then_resolved(nodes, tmp_path):
     pri.command("reconnect")  # the secondary refuses too (the first attempt may have met the old process)
     wait_until(lambda: sec.status()["nbd"]["refused"] > refused, what="the secondary's refusal")
     assert "split brain" in sec.status()["error"]
+    assert sec.status()["state"] == "split-brain"
     pri.wait_state("split-brain")
-    assert sec.status()["state"] == "waiting"
     assert read_file(sec.image) == sec_image  # nothing overwritten
     assert pri.command_errno("checkpoint") == 16  # EBUSY
     assert pri.command_errno("resolve keep-both") == 22  # EINVAL

@@ -9,7 +9,7 @@ import pytest
 from repdisk.core.errors import RepdiskError
 from repdisk.node import state as st
 
-SEC_EVENTS = ("connect", "disconnect", "checkpoint", "failover", "commit_done", "commit_failed")
+SEC_EVENTS = ("connect", "disconnect", "checkpoint", "failover", "commit_done", "commit_failed", "split_brain")
 PRI_EVENTS = ("connected", "connect_failed", "sync_done", "link_failed", "checkpoint", "failover", "reconnect", "connect",
               "split_brain", "resolve", "verify", "resync")
 
@@ -60,6 +60,11 @@ def test_split_brain_rules():
     # split brain is only ever entered from a state without a connected secondary
     assert {s for (s, ev) in st.PRIMARY if ev == "split_brain"} == {st.P_CONNECTING, st.P_DEGRADED}
     assert T(st.P_REPLICATING, "verify")[1] == "verify"
+    S = lambda *a: st.transition(st.SECONDARY, st.SECONDARY_WHY, *a)  # noqa: E731
+    assert S(st.S_WAITING, "split_brain")[0] == st.S_SPLIT_BRAIN
+    assert S(st.S_SPLIT_BRAIN, "connect") == (st.S_REPLICATING, "accept")  # resolved on the primary
+    with pytest.raises(RepdiskError):
+        S(st.S_REPLICATING, "split_brain")
     with pytest.raises(RepdiskError) as e:
         T(st.P_SYNCING, "verify")
     assert e.value.errno == errno.EAGAIN

@@ -96,6 +96,8 @@ class SecondaryNode:
             why = None
         if why is not None:
             self.error = why
+            if self.state in (st.S_WAITING, st.S_SPLIT_BRAIN):
+                self._event("split_brain")
             return why
         if commit:
             log.info("primary of disk %s at generation %x accepted (%s)", asked["disk"], asked["gen"], verdict)

@@ -8,8 +8,9 @@ node performs the action named in the table; the table itself does nothing.
 from ..core.errors import Busy, TryAgain
 
 # ---- secondary ---------------------------------------------------------------
-S_WAITING, S_REPLICATING, S_FAILOVER, S_STANDALONE = "waiting", "replicating", "failover", "standalone"
-SECONDARY_STATES = (S_WAITING, S_REPLICATING, S_FAILOVER, S_STANDALONE)
+S_WAITING, S_REPLICATING, S_FAILOVER, S_STANDALONE, S_SPLIT_BRAIN = (
+    "waiting", "replicating", "failover", "standalone", "split-brain")
+SECONDARY_STATES = (S_WAITING, S_REPLICATING, S_FAILOVER, S_STANDALONE, S_SPLIT_BRAIN)
 
 SECONDARY = {
     (S_WAITING, "connect"): (S_REPLICATING, "accept"),
@@ -23,6 +24,14 @@ SECONDARY = {
     (S_FAILOVER, "commit_done"): (S_STANDALONE, None),
     (S_FAILOVER, "commit_failed"): (S_FAILOVER, None),
     (S_FAILOVER, "disconnect"): (S_FAILOVER, None),
+    # A primary was refused: it has not got what this disk holds (split brain) or
+    # it is another disk's.  Waiting otherwise: the operator's resolution on the
+    # primary (force) or a failover here ends it.
+    (S_WAITING, "split_brain"): (S_SPLIT_BRAIN, None),
+    (S_SPLIT_BRAIN, "split_brain"): (S_SPLIT_BRAIN, None),
+    (S_SPLIT_BRAIN, "connect"): (S_REPLICATING, "accept"),
+    (S_SPLIT_BRAIN, "checkpoint"): (S_SPLIT_BRAIN, "drop_overlays"),
+    (S_SPLIT_BRAIN, "failover"): (S_FAILOVER, "commit"),
 }
 
 # ---- primary -----------------------------------------------------------------
