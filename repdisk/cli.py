@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--async-queue", type=_size, default=64 << 20, help="async mode: bytes replication may trail behind (default 64M)")
     pr.add_argument("--assume-synced", action="store_true", help="skip the initial full sync (the images are known identical)")
     pr.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the secondary at start (default 10)")
+    pr.add_argument("--io-timeout", type=float, default=10.0, help="seconds without any reply from the secondary, "
+                    "requests in flight, before it is declared lost (default 10; 0: never)")
+    pr.add_argument("--resync-rate", type=_size, default=0, help="bytes per second for (re)sync, e.g. 100M "
+                    "(default: unlimited), so that a resync does not starve the VM")
+    pr.add_argument("--al-extents", type=int, default=64, help="activity log: 4 MiB extents kept active; a crash "
+                    "costs at most this many x 4 MiB of resync (default 64; 0: no log, a crash costs a full sync)")
 
     pa = sub.add_parser("pair", help="run a primary and a secondary on this machine (tools/run)")
     pa.add_argument("--root", default=".", help="folder holding state/ and mount/ (default: current)")

@@ -25,18 +25,21 @@ def run_secondary(args) -> int:
     lock = lock_image(args.disk)
     _, prefix = state_paths(args)
     stack = SecondaryStack(image, f"{prefix}.hidden", f"{prefix}.active", args.block_size)
-    node = SecondaryNode(stack, listen=args.listen, invalidate=invalidate_disk)
+    node = SecondaryNode(stack, listen=args.listen, invalidate=invalidate_disk, meta_path=f"{prefix}.meta")
     server = NbdServer(
         StackReplicaDevice(stack),
         export_name="",
-        description=f"repdisk secondary of {os.path.basename(args.disk)}",
+        description=node.description,
         on_connect=node.on_connect,
         on_disconnect=node.on_disconnect,
+        check_export=node.check_export,
     )
     node.server = server
 
     async def shutdown():
         await trio.to_thread.run_sync(stack.flush_replica)
+        node.meta.clean = True
+        await trio.to_thread.run_sync(node._save)
 
     def ready():
         log.info("secondary ready: %s (%d bytes) at %s, NBD on %s", args.disk, image.size, args.mount, node.listen)
@@ -57,14 +60,17 @@ def run_secondary(args) -> int:
 
 
 def run_primary(args) -> int:
-    from .core.errors import RepdiskError
+    from .core.errors import RepdiskError, SplitBrain
     from .node.primary import PrimaryNode
 
     image = RawImage.open(args.disk, args.size)
     lock = lock_image(args.disk)
+    _, prefix = state_paths(args)
     node = PrimaryNode(image, uri=args.secondary, mode=args.mode, block_size=args.block_size,
                        async_queue=args.async_queue, assume_synced=args.assume_synced,
-                       connect_timeout=args.connect_timeout)
+                       connect_timeout=args.connect_timeout, meta_path=f"{prefix}.meta",
+                       al_path=f"{prefix}.al" if args.al_extents > 0 else None, al_extents=args.al_extents,
+                       io_timeout=args.io_timeout, resync_rate=args.resync_rate)
 
     async def main():
         # Connect before mounting, so that a secondary of the wrong size is
@@ -75,6 +81,8 @@ def run_primary(args) -> int:
                 first = await node.connect()
         except ImageError:
             raise
+        except SplitBrain as e:
+            node.split_brain(str(e))
         except (RepdiskError, trio.TooSlowError) as e:
             reason = e if not isinstance(e, trio.TooSlowError) else f"no answer within {args.connect_timeout} s"
             node.connect_failed(f"cannot connect to secondary {args.secondary}: {reason}")

@@ -14,10 +14,10 @@ def nodes(tmp_path):
     All of them are stopped and unmounted at teardown."""
     started = []
 
-    def make(role, *args, mount=None, start=True, name=None):
+    def make(role, *args, mount=None, start=True, name=None, prefix=()):
         name = name or f"{role}{len(started)}"
         mount = mount or str(tmp_path / f"mnt-{name}")
-        n = Node(role, [*args, "--mount", mount], mount, str(tmp_path / f"{name}.log"))
+        n = Node(role, [*args, "--mount", mount], mount, str(tmp_path / f"{name}.log"), prefix)
         started.append(n)
         if start:
             n.start()

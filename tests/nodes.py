@@ -35,9 +35,11 @@ def lazy_unmount(path: str) -> None:
 
 
 class Node:
-    def __init__(self, role: str, args: list[str], mount: str, log_path: str):
+    def __init__(self, role: str, args: list[str], mount: str, log_path: str, prefix=()):
         self.role, self.args, self.mount, self.log_path = role, args, mount, log_path
+        self.prefix = list(prefix)  # e.g. nsenter --net=...: run the node in another network namespace
         self.proc: subprocess.Popen | None = None
+        self._log = None
 
     @property
     def disk(self) -> str:
@@ -48,8 +50,10 @@ class Node:
         return os.path.join(self.mount, "control")
 
     def start(self, wait: bool = True) -> "Node":
+        if self._log is not None and not self._log.closed:
+            self._log.close()
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "repdisk", self.role, *self.args],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "repdisk", self.role, *self.args],
                                      stdout=self._log, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready()
@@ -104,14 +108,18 @@ class Node:
                 self.proc.kill()
                 self.proc.wait()
         lazy_unmount(self.mount)
-        self._log.close()
+        if self._log is not None and not self._log.closed:
+            self._log.close()
         return self.proc.returncode
 
     def kill(self) -> None:
+        """SIGKILL (a crash); the node can be started again."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         lazy_unmount(self.mount)
+        if self._log is not None and not self._log.closed:
+            self._log.close()
 
 
 def read_file(path: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -59,3 +59,10 @@ class IOFailure(RepdiskError):
 
 class ReadOnly(RepdiskError):
     errno = _errno.EROFS
+
+
+class SplitBrain(RepdiskError):
+    """The secondary holds data the primary does not have (or another disk):
+    nothing is overwritten until an operator says which side wins."""
+
+    errno = _errno.EPERM

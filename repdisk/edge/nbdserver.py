@@ -216,9 +216,15 @@ class NbdServer:
     # A client must finish the handshake within this many seconds.
     handshake_timeout = 30.0
 
-    def __init__(self, device, *, export_name: str = "", description: str = "", on_connect=None, on_disconnect=None):
+    def __init__(self, device, *, export_name: str = "", description: str = "", on_connect=None, on_disconnect=None,
+                 check_export=None):
         self.device = device
         self.export_name = export_name
+        # check_export(name, commit) -> refusal message or None, for export names
+        # other than "" and export_name (repdisk's identity exchange).  Called with
+        # commit=False before the reply (a message refuses with NBD_REP_ERR_POLICY),
+        # and with commit=True once the client has been told it may go ahead.
+        self.check_export = check_export
         self.description = description
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
@@ -326,6 +332,7 @@ class NbdServer:
         self._next_id += 1
         self._counters["connections"] += 1
         peer = _peer_text(stream.socket, self._next_id)
+        _detect_dead_peer(stream.socket)
         refusal = self._reason
         if refusal is None and self._slot is not None:
             refusal = (
@@ -487,12 +494,22 @@ class _Session:
             log.info("NBD client %s: NBD_OPT_EXPORT_NAME refused (%s); closing the connection", self.peer, refusal)
             self.error = refusal
             return False
+        if name is not None and not self._known_export(name) and self._checked(name) is None:
+            await self.wire.send(w.export_name_reply(self.device.size, _TRANSMISSION_FLAGS, self.no_zeroes))
+            self.server.check_export(name, True)
+            return True
         if name is None or not self._known_export(name):
             self.error = f"unknown export {bytes(data)[:100]!r} in NBD_OPT_EXPORT_NAME"
             log.warning("NBD client %s: %s; closing the connection", self.peer, self.error)
             return False
         await self.wire.send(w.export_name_reply(self.device.size, _TRANSMISSION_FLAGS, self.no_zeroes))
         return True
+
+    def _checked(self, name: str) -> str | None:
+        """None when the server's check_export accepts `name`, else why not."""
+        if self.server.check_export is None:
+            return f"no export named {name!r} (this server exports {self.server.export_name!r})"
+        return self.server.check_export(name, False)
 
     async def _opt_list(self, option: int, data: bytes) -> bool:
         if data:
@@ -509,22 +526,31 @@ class _Session:
             await self.wire.send(reply)
             return False
         name, wanted = request
+        checked = False
         if not self._known_export(name):
-            message = f"no export named {name!r} (this server exports {self.server.export_name!r})"
-            await self.wire.send(w.option_error(option, w.REP_ERR_UNKNOWN, message))
-            return False
+            refusal = self._checked(name)
+            if refusal is not None:
+                code = w.REP_ERR_UNKNOWN if self.server.check_export is None else w.REP_ERR_POLICY
+                if code == w.REP_ERR_POLICY:
+                    log.warning("NBD client %s: refused: %s", self.peer, refusal)
+                    self.counters["refused"] += 1
+                await self.wire.send(w.option_error(option, code, refusal))
+                return False
+            checked = True
         dev = self.device
         infos = [
             w.info_export(dev.size, _TRANSMISSION_FLAGS),
             w.info_block_size(dev.min_block, dev.preferred_block, w.MAX_REQUEST),
         ]
         if w.INFO_NAME in wanted:
-            infos.append(w.info_string(w.INFO_NAME, self.server.export_name))
+            infos.append(w.info_string(w.INFO_NAME, name if checked else self.server.export_name))
         if w.INFO_DESCRIPTION in wanted and self.server.description:
             infos.append(w.info_string(w.INFO_DESCRIPTION, self.server.description))
         replies = [w.option_reply(option, w.REP_INFO, info) for info in infos]
         replies.append(w.option_reply(option, w.REP_ACK))
         await self.wire.send(*replies)
+        if checked and option == w.OPT_GO:
+            self.server.check_export(name, True)  # after the description went out
         return option == w.OPT_GO
 
     _OPTIONS = {w.OPT_LIST: _opt_list, w.OPT_INFO: _opt_info_go, w.OPT_GO: _opt_info_go}
@@ -721,3 +747,20 @@ def _remove_socket(path: str, created: tuple[int, int]) -> None:
             os.unlink(path)
     except OSError:
         pass
+
+
+def _detect_dead_peer(sock) -> None:
+    """A primary whose host died (or whose network was cut and never came
+    back) would hold the one client slot for ever: TCP keepalive probes an
+    idle connection after 10 s, and TCP_USER_TIMEOUT ends one whose data has
+    gone unacknowledged for 30 s.  Unix sockets need neither."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30_000)
+    except (OSError, AttributeError) as e:  # not Linux
+        log.debug("cannot set TCP keepalive: %s", e)

@@ -510,6 +510,14 @@ class ReplicaLink:
         await self._issue(req, None)
         await self._wait_req(req)
 
+    async def settle(self) -> None:
+        """Wait until every request submitted before has completed (no FLUSH;
+        later requests are not waited for, so this cannot starve)."""
+        self._check(_FLUSH, 0, 0)
+        limit = self._seq
+        if self._active and next(iter(self._active)) < limit:
+            await self._wait_cond(lambda: not self._active or next(iter(self._active)) >= limit)
+
     async def drain(self) -> None:
         """Wait until no request is outstanding (nor waiting for admission)."""
         self._check(_FLUSH, 0, 0)
@@ -852,6 +860,15 @@ class ReplicaLink:
 
     # -- failure --------------------------------------------------------------
 
+    def completions(self) -> int:
+        """Replies received so far (all request kinds): progress for a watchdog."""
+        return sum(c.completed + c.failed for c in self._ctr.values())
+
+    def abort(self, reason: str) -> None:
+        """Declare the link dead (e.g. the secondary stopped answering): every
+        request in flight is failed and reported to on_failure."""
+        self._fail(ReplicaError(f"replica link to {self.uri}: {reason}", _errno.ETIMEDOUT))
+
     def _fail(self, error: ReplicaError, level: int = logging.ERROR) -> None:
         """The link is dead: report and wake everything, stop run()."""
         if self.failed is not None:
@@ -912,3 +929,58 @@ async def _wait_either(fd) -> bool:
         nursery.start_soon(one, trio.lowlevel.wait_readable, True)
         nursery.start_soon(one, trio.lowlevel.wait_writable, False)
     return result[0]
+
+
+# -- the identity exchange (repdisk.core.meta) --------------------------------
+
+
+def uri_export(uri: str) -> str | None:
+    """The export name an NBD URI asks for ('' when none)."""
+    from urllib.parse import unquote, urlsplit
+
+    path = urlsplit(uri).path
+    return unquote(path[1:] if path.startswith("/") else path)
+
+
+def with_export(uri: str, name: str) -> str:
+    """`uri` asking for export `name` instead of its own."""
+    from urllib.parse import quote, urlsplit
+
+    u = urlsplit(uri)
+    text = f"{u.scheme}://{u.netloc}/{quote(name, safe=':=')}"  # nbd+unix has an empty authority: ///
+    return text + (f"?{u.query}" if u.query else "")
+
+
+def probe_description(uri: str, timeout: float = 5.0) -> str | None:
+    """Blocking (run it in a thread): the export description the server gives
+    for `uri`, read with NBD_OPT_INFO in libnbd's option mode, so the probe
+    never enters transmission.  A server can refuse while the connection it
+    just refused is still closing (one client at a time): retried briefly."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _probe_once(uri)
+        except nbd.Error as e:
+            if time.monotonic() > deadline:
+                raise ReplicaError(f"cannot read the identity of {uri}: {_nbd_message(e)}", e.errnum or _errno.EIO) from None
+        time.sleep(0.05)
+
+
+def _probe_once(uri: str) -> str | None:
+    h = nbd.NBD()  # closed when the last reference goes
+    h.set_opt_mode(True)
+    h.set_full_info(True)
+    h.connect_uri(uri)
+    try:
+        h.opt_info()
+        try:
+            return h.get_export_description()
+        except nbd.Error:
+            return None
+    finally:
+        try:
+            h.opt_abort()
+        except nbd.Error:
+            pass

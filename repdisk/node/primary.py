@@ -16,13 +16,16 @@ rules that keep the replica correct:
   completed, so later data always wins on the secondary.
 """
 
+import collections
 import logging
+import os
 import time
 
 import trio
 
+from ..core import meta as md
 from ..core.bitmap import Bitmap
-from ..core.errors import ImageError, IOFailure, RepdiskError, UnknownCommand
+from ..core.errors import Busy, ImageError, IOFailure, RepdiskError, SplitBrain, UnknownCommand
 from ..core.geometry import Geometry
 from ..core.image import RawImage
 from . import state as st
@@ -31,6 +34,9 @@ from .control import Progress, parse_command
 log = logging.getLogger(__name__)
 
 SYNC_CHUNK = 4 << 20  # bytes per sync request
+AL_SHIFT = 22  # activity-log extent: 4 MiB
+AL_SLOTS = 64  # extents kept active: a crash costs at most 64 x 4 MiB = 256 MiB of resync
+VERIFY_CHUNK = 16 << 20  # bytes compared at a time (4 pipelined NBD reads)
 
 
 def is_zero(buf) -> bool:
@@ -46,7 +52,8 @@ class PrimaryNode:
 
     def __init__(self, image: RawImage, *, uri: str, mode: str = "sync", block_size: int = 4096,
                  async_queue: int = 64 << 20, assume_synced: bool = False, connect_timeout: float = 10.0,
-                 link_factory=None):
+                 link_factory=None, meta_path: str | None = None, al_path: str | None = None,
+                 al_extents: int = AL_SLOTS, io_timeout: float = 10.0, resync_rate: int = 0):
         self.image = image
         self.geometry = Geometry(image.size, block_size)
         self.uri = uri
@@ -57,12 +64,10 @@ class PrimaryNode:
         self.epoch = 0
         self.error: str | None = None
         self.dirty = Bitmap(self.geometry.nblocks)
-        if not assume_synced:
-            self.dirty.set_all()  # the secondary is not known to hold our data
+        self._sync_base = None  # the dirty bits when the running sync started
         self.sync = Progress()
         self.link = None
-        self.peer_identity: str | None = None  # description of the secondary last synced
-        self._synced_identity: str | None = None
+        self.peer_identity: str | None = None  # the secondary's export description
         self._sync_window: tuple[int, int] | None = None
         self._link_down = trio.Event()
         self._retry_now = trio.Event()
@@ -75,6 +80,35 @@ class PrimaryNode:
         self._link_factory = link_factory
         self.writes_forwarded = 0
         self.writes_marked = 0
+        self.resync_kind: str | None = None  # how the last connection was caught up
+        self._assume_synced = assume_synced  # for the first connection only
+        self._force = False  # 'resolve discard-secondary': overwrite whatever the secondary holds
+        self._plain = False  # the secondary is a plain NBD server (no repdisk identity)
+        self.meta_path, self.al_path = meta_path, al_path
+        self.al_extents = al_extents
+        self.io_timeout = io_timeout
+        self.resync_rate = resync_rate  # bytes/s of (re)sync, 0: unlimited
+        self.meta_problem: str | None = None
+        self.meta = self._load_meta(assume_synced)
+        self.epoch = self.meta.epoch
+        # Activity log: extents that may hold writes the secondary has not acknowledged.
+        self._al: collections.OrderedDict[int, trio.Event] = collections.OrderedDict()  # LRU first
+        self._al_leaving: set[int] = set()  # evicted, not yet safe to drop from the file
+        self._al_busy: collections.Counter = collections.Counter()  # extent -> writes in progress
+        self._al_lock = trio.Lock()
+        self._al_fd = None
+        self.al_writes = 0
+        if al_path is not None:
+            self._al_fd = os.open(al_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            os.ftruncate(self._al_fd, 0)
+            self._al_store([])
+        self.verify = Progress()
+        self.verify_diffs: list[tuple[int, int]] = []  # differing block runs [first, end)
+        self.verify_result: str | None = None
+        self._verify_window: tuple[int, int] | None = None
+        self._verify_touched = False
+        self._link_nursery = None
+        self._stopping = False  # shutdown ran: closing the link is not losing the secondary
 
     @property
     def size(self) -> int:
@@ -84,22 +118,184 @@ class PrimaryNode:
         new, action = st.transition(st.PRIMARY, st.PRIMARY_WHY, self.state, event)
         if new != self.state:
             log.info("state %s -> %s (%s)", self.state, new, event)
+            m = self.meta
+            if new in (st.P_DEGRADED, st.P_STANDALONE, st.P_SPLIT_BRAIN) and m.gen == m.peer_gen:
+                # From now on our disk takes writes the secondary does not get.
+                m.gen = md.new_gen()
             self.state = new
+            self._persist()
             self._state_changed.set()
             self._state_changed = trio.Event()
         return action
 
+    # ---- metadata and the activity log ----------------------------------------
+    def _load_meta(self, assume_synced: bool) -> md.Meta:
+        dirty, nblocks = self.dirty, self.geometry.nblocks
+        m = None
+        if self.meta_path is not None:
+            try:
+                m = md.load_meta(self.meta_path)
+            except md.MetaError as e:
+                self.meta_problem = str(e)
+                if os.path.exists(self.meta_path):
+                    log.error("%s; the secondary's content is unknown: full sync", e)
+                else:
+                    log.info("%s: a new disk lineage; the secondary gets a full sync", self.meta_path)
+        if m is None:
+            m = md.Meta(node=md.new_id(), disk=md.new_id(), gen=md.new_gen())
+            dirty.set_all()
+        else:
+            if m.bitmap is not None and m.nbits == nblocks:
+                dirty.bits = Bitmap.from_bytes(m.bitmap, nblocks).bits
+            else:
+                log.warning("%s: no dirty bitmap for %d blocks: full sync", self.meta_path, nblocks)
+                dirty.set_all()
+            if not m.clean:
+                self._recover_al(dirty)
+        if assume_synced:
+            dirty.clear_all()
+        m.clean = False
+        self.meta = m
+        self._persist()  # the restored set (bitmap + activity log) is now in the bitmap
+        return m
+
+    def _recover_al(self, dirty: Bitmap) -> None:
+        """After an unclean stop: every extent in the activity log may differ."""
+        try:
+            with open(self.al_path, "rb") as f:
+                shift, extents = md.decode_al(f.read(1 << 20))
+        except (OSError, TypeError, md.MetaError) as e:
+            log.error("unclean stop and no usable activity log (%s): full sync", e)
+            dirty.set_all()
+            return
+        geo = self.geometry
+        for e in extents:
+            start = e << shift
+            if start < geo.size:
+                dirty.set(*geo.blocks(start, min(1 << shift, geo.size - start)))
+        log.warning("unclean stop: %d activity-log extents (%d bytes) will be resynced",
+                    len(extents), len(extents) << shift)
+
+    def _persist(self) -> None:
+        """Write the metadata (with the dirty bitmap) atomically.  Blocking, but
+        only at state changes, start, stop and activity-log evictions."""
+        if self.meta_path is None:
+            return
+        m = self.meta
+        m.epoch = self.epoch if hasattr(self, "epoch") else m.epoch
+        bits = self.dirty.bits if self._sync_base is None else self.dirty.bits | self._sync_base
+        m.nbits, m.bitmap = len(bits), bits.tobytes()
+        try:
+            md.save_meta(self.meta_path, m)
+        except OSError as e:
+            log.error("cannot write metadata %s: %s", self.meta_path, e)
+        m.bitmap = None
+
+    def _al_store(self, extents) -> None:
+        data = md.encode_al(AL_SHIFT, list(extents))
+        os.pwrite(self._al_fd, data, 0)
+        os.fdatasync(self._al_fd)
+
+    async def _al_enter(self, e0: int, e1: int) -> None:
+        """Make extents e0..e1 active (persisted in the log) before data is written there."""
+        for e in range(e0, e1 + 1):
+            ev = self._al.get(e)
+            if ev is None:
+                await self._al_add(e)
+            else:
+                self._al.move_to_end(e)
+                if not ev.is_set():
+                    await ev.wait()
+
+    async def _al_add(self, e: int) -> None:
+        ev = self._al[e] = trio.Event()
+        victims = []
+        if len(self._al) > self.al_extents:
+            for x in self._al:
+                if len(self._al) - len(victims) <= self.al_extents:
+                    break
+                if x != e and not self._al_busy[x] and self._al[x].is_set():
+                    victims.append(x)
+            for x in victims:  # no await since choosing them
+                del self._al[x]
+                self._al_busy.pop(x, None)
+            self._al_leaving.update(victims)
+        try:
+            if victims:
+                # Dropping an extent from the log is safe once nothing sent there is
+                # in flight and its dirty bits are in the persisted bitmap.
+                link = self.link
+                if link is not None and link.failed is None and link.inflight_requests:
+                    try:
+                        await link.settle()
+                    except RepdiskError:
+                        pass  # the link failed: its in-flight ranges are marked dirty
+                geo = self.geometry
+                if any(self.dirty.any(*geo.blocks(x << AL_SHIFT, min(1 << AL_SHIFT, geo.size - (x << AL_SHIFT))))
+                       for x in victims):
+                    await trio.to_thread.run_sync(self._persist)
+            async with self._al_lock:
+                self._al_leaving.difference_update(victims)
+                extents = [*self._al, *self._al_leaving]
+                await trio.to_thread.run_sync(self._al_store, extents)
+                self.al_writes += 1
+        finally:
+            ev.set()
+
     # ---- the link ------------------------------------------------------------
-    def _new_link(self):
+    def _new_link(self, uri):
         if self._link_factory is not None:
-            return self._link_factory(self.uri)
+            return self._link_factory(uri)
         from ..edge.replica import ReplicaLink
 
-        return ReplicaLink(self.uri, max_requests=64, max_bytes=self.async_queue)
+        return ReplicaLink(uri, max_requests=64, max_bytes=self.async_queue)
 
     async def connect(self):
-        """Connect to the secondary; refuse one whose size differs (ImageError)."""
-        link = self._new_link()
+        """Connect to the secondary, telling it who we are (export name) and
+        learning who it is (export description).  Refuses a secondary whose
+        size differs (ImageError); raises SplitBrain for one that holds writes
+        we do not have or another disk."""
+        from ..edge.replica import probe_description, uri_export, with_export
+
+        m = self.meta
+        named = None
+        if not self._plain and uri_export(self.uri) == "":
+            named = with_export(self.uri, md.format_export_name(m.disk, m.gen, m.peer_gen, self._force))
+        try:
+            link = await self._open(named or self.uri)
+        except ImageError:
+            raise
+        except RepdiskError as e:
+            if named is None:
+                raise
+            # Refused (split brain, another disk) or a plain server that does not
+            # know our export name: its description says which.
+            try:
+                desc = await trio.to_thread.run_sync(probe_description, self.uri)
+            except RepdiskError:
+                raise e from None
+            ident = md.parse_identity(desc)
+            if ident is not None:
+                verdict = md.primary_verdict(m.disk, m.gen, m.peer_gen, ident)
+                if verdict == md.SPLIT_BRAIN:
+                    raise SplitBrain(
+                        f"split brain: secondary {self.uri} (node {ident['node']}) is at data generation "
+                        f"{ident['gen']:x}, which this primary (generation {m.gen:x}, last shared "
+                        f"{m.peer_gen:x}) never had: both sides took writes; nothing was overwritten. "
+                        f"'resolve discard-secondary' makes the secondary a copy of this disk") from None
+                if verdict == md.FOREIGN:
+                    raise SplitBrain(
+                        f"secondary {self.uri} holds disk {ident['disk']}, not this primary's disk {m.disk} "
+                        f"(a secondary of another pair?); nothing was overwritten. "
+                        f"'resolve discard-secondary' overwrites it with this disk") from None
+                raise
+            log.info("%s is a plain NBD server (%s): connecting without identity", self.uri, desc)
+            self._plain = True
+            link = await self._open(self.uri)
+        return link
+
+    async def _open(self, uri):
+        link = self._new_link(uri)
         await link.connect()
         if link.size != self.size:
             await _close_quietly(link)
@@ -107,6 +303,11 @@ class PrimaryNode:
                              f"{self.size} bytes; refusing to replicate to it")
         link.on_failure = self._on_link_failure
         return link
+
+    def split_brain(self, why: str) -> None:
+        self.error = why
+        log.error("%s", why)
+        self._event("split_brain")
 
     def connect_failed(self, why: str) -> None:
         self.error = why
@@ -131,7 +332,9 @@ class PrimaryNode:
         link = first_link
         backoff = 0.5
         while True:
-            if self.state == st.P_STANDALONE:
+            if self._stopping:  # a clean stop closed the link: do not reconnect
+                await trio.sleep_forever()
+            if self.state in (st.P_STANDALONE, st.P_SPLIT_BRAIN):
                 await self._state_changed.wait()
                 continue
             if link is None:
@@ -139,13 +342,17 @@ class PrimaryNode:
                 with trio.move_on_after(backoff):
                     await self._retry_now.wait()
                 self._retry_now = trio.Event()
-                if self.state == st.P_STANDALONE:
+                if self.state in (st.P_STANDALONE, st.P_SPLIT_BRAIN):
                     continue
                 self.attempts += 1
                 self.next_attempt = None
                 try:
                     with trio.fail_after(self.connect_timeout):
                         link = await self.connect()
+                except SplitBrain as e:
+                    self.reconnect_error = str(e)
+                    self.split_brain(str(e))
+                    continue
                 except (RepdiskError, trio.TooSlowError) as e:
                     reason = e if not isinstance(e, trio.TooSlowError) else f"no answer within {self.connect_timeout} s"
                     why = f"cannot connect to secondary {self.uri}: {reason}"
@@ -163,10 +370,24 @@ class PrimaryNode:
     async def _replicate(self, link) -> None:
         """One connection's life: sync what is dirty, then replicate until lost."""
         identity = getattr(link, "description", None)
-        if identity is None or identity != self._synced_identity:
-            if self._synced_identity is not None or self.state == st.P_DEGRADED:
-                # Another (or unknown) secondary: its content is unknown.
-                self.dirty.set_all()
+        ident = md.parse_identity(identity)
+        m = self.meta
+        if self._force:
+            kind = md.FULL
+        else:
+            kind = md.primary_verdict(m.disk, m.gen, m.peer_gen, ident)
+        if kind != md.INCREMENTAL:
+            if kind != md.FULL:  # the secondary accepted us, so its description was stale: be safe
+                log.warning("secondary %s described itself as %s (%s): full sync", self.uri, identity, kind)
+                kind = md.FULL
+            if self._assume_synced:
+                log.info("--assume-synced: no initial sync")
+            else:
+                self.dirty.set_all()  # another or unknown secondary: its content is unknown
+        self._assume_synced = False
+        self.resync_kind = kind
+        if ident is not None:
+            m.peer_gen = m.gen  # the secondary took our generation when it accepted us
         self.peer_identity = identity
         self._link_down = trio.Event()
         self.link = link
@@ -175,17 +396,36 @@ class PrimaryNode:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._run_link, link)
+                self._link_nursery = nursery
                 self._event("connected")
                 self.error = None
                 log.info("connected to secondary %s (%s)", self.uri, identity or "plain NBD server")
                 nursery.start_soon(self._sync_then_replicate, link)
+                nursery.start_soon(self._watchdog, link)
                 await self._link_down.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self.link = None
+            self._link_nursery = None
             self._sync_window = None
             with trio.CancelScope(shield=True):
                 await _close_quietly(link)
+
+    async def _watchdog(self, link) -> None:
+        """A cut network does not break a TCP connection for many minutes:
+        declare the secondary lost when requests are in flight and none has
+        been answered for io_timeout seconds."""
+        if self.io_timeout <= 0 or not hasattr(link, "completions"):
+            return
+        last, since = link.completions(), time.monotonic()
+        while link.failed is None:
+            await trio.sleep(min(1.0, self.io_timeout / 4))
+            now, done = time.monotonic(), link.completions()
+            if done != last or not link.inflight_requests:
+                last, since = done, now
+            elif now - since >= self.io_timeout:
+                link.abort(f"no reply for {self.io_timeout:g} s with {link.inflight_requests} requests in flight")
+                return
 
     async def _run_link(self, link, *, task_status=trio.TASK_STATUS_IGNORED):
         try:
@@ -200,7 +440,7 @@ class PrimaryNode:
             self._link_failed(e)
             return
         if self.state == st.P_SYNCING:
-            self._synced_identity = getattr(link, "description", None)
+            self._force = False
             self.sync.finish()
             self._event("sync_done")
             log.info("sync done: %d bytes in %.2f s", self.sync.done, self.sync.elapsed)
@@ -211,6 +451,24 @@ class PrimaryNode:
         geo, dirty, image = self.geometry, self.dirty, self.image
         self.sync.start(dirty.count() << geo.shift)
         per = SYNC_CHUNK >> geo.shift
+        if self.resync_rate > 0:
+            per = max(1, min(per, (self.resync_rate // 10) >> geo.shift))  # about 10 steps a second
+        t0 = trio.current_time()
+        # Until the sync is drained, what it cleared may not be on the secondary
+        # yet: the persisted bitmap keeps it (see _persist).
+        self._sync_base = dirty.bits.copy()
+        try:
+            await self._sync_loop(link, per, t0)
+        except RepdiskError:
+            raise  # the link failed: what was in flight is marked dirty again by on_failure
+        except BaseException:
+            dirty.bits |= self._sync_base  # cancelled: in flight is unknown, resend all of it
+            raise
+        finally:
+            self._sync_base = None
+
+    async def _sync_loop(self, link, per: int, t0: float) -> None:
+        geo, dirty, image = self.geometry, self.dirty, self.image
         pos = 0
         while True:
             a = dirty.bits.find(1, pos)
@@ -232,12 +490,19 @@ class PrimaryNode:
                         await link.zero(off, length, wait=False)
                     else:
                         await link.write(data, off, wait=False)
+            except BaseException:
+                dirty.set(a, b)  # not (all) submitted: send it again later
+                raise
             finally:
                 self._sync_window = None
             if self.sync.total < self.sync.done + n:
                 self.sync.total = self.sync.done + n
             self.sync.add(n)
             pos = b
+            if self.resync_rate > 0:  # do not starve the VM: stay at or under the rate
+                ahead = self.sync.done / self.resync_rate - (trio.current_time() - t0)
+                if ahead > 0:
+                    await trio.sleep(ahead)
         await link.drain()
         if link.failed is not None:
             raise link.failed
@@ -250,6 +515,27 @@ class PrimaryNode:
     async def disk_write(self, offset: int, buf) -> None:
         geo = self.geometry
         geo.check(offset, len(buf))
+        if self._al_fd is None or not len(buf):
+            return await self._write(offset, buf)
+        e0, e1 = offset >> AL_SHIFT, (offset + len(buf) - 1) >> AL_SHIFT
+        busy = self._al_busy
+        for e in range(e0, e1 + 1):
+            busy[e] += 1
+        try:
+            await self._al_enter(e0, e1)
+            await self._write(offset, buf)
+        finally:
+            for e in range(e0, e1 + 1):
+                if busy[e] == 1:
+                    del busy[e]
+                else:
+                    busy[e] -= 1
+
+    async def _write(self, offset: int, buf) -> None:
+        geo = self.geometry
+        w = self._verify_window
+        if w is not None and offset < w[1] and w[0] < offset + len(buf):
+            self._verify_touched = True
         self.image.pwrite(buf, offset)
         b0, b1 = geo.blocks(offset, len(buf))
         link = self.link
@@ -306,7 +592,20 @@ class PrimaryNode:
             "sync": self.sync.as_dict(),
             "writes_forwarded": self.writes_forwarded,
             "writes_marked_dirty": self.writes_marked,
+            "node_id": self.meta.node,
+            "disk_id": self.meta.disk,
+            "generation": f"{self.meta.gen:x}",
+            "secondary_generation": f"{self.meta.peer_gen:x}",
+            "resync_kind": self.resync_kind,
+            "metadata_problem": self.meta_problem,
+            "activity_log": {"extents": len(self._al), "extent_bytes": 1 << AL_SHIFT, "max_extents": self.al_extents if self._al_fd is not None else 0,
+                             "writes": self.al_writes},
         }
+        if self.verify.started is not None:
+            geo = self.geometry
+            s["verify"] = {**self.verify.as_dict(), "result": self.verify_result,
+                           "differing_bytes": sum(b - a for a, b in self.verify_diffs) << geo.shift,
+                           "ranges": [[a << geo.shift, min(b << geo.shift, geo.size)] for a, b in self.verify_diffs[:100]]}
         if self.state in (st.P_DEGRADED, st.P_CONNECTING):
             s["reconnect"] = {
                 "attempts": self.attempts,
@@ -318,12 +617,14 @@ class PrimaryNode:
         return s
 
     async def command(self, text: str) -> None:
-        handlers = {"checkpoint": (self.checkpoint, 0), "failover": (self.failover, 0),
-                    "reconnect": (self.reconnect, 0), "connect": (self.connect_to, 1)}
+        handlers = {"checkpoint": (self.checkpoint, (0,)), "failover": (self.failover, (0,)),
+                    "reconnect": (self.reconnect, (0,)), "connect": (self.connect_to, (1,)),
+                    "resolve": (self.resolve, (1,)), "verify": (self.start_verify, (0, 1))}
         try:
             name, args = parse_command(text)
-            if name not in handlers or len(args) != handlers[name][1]:
-                raise UnknownCommand(f"unknown command {text!r}; the primary knows: checkpoint, failover, reconnect, connect URI")
+            if name not in handlers or len(args) not in handlers[name][1]:
+                raise UnknownCommand(f"unknown command {text!r}; the primary knows: checkpoint, failover, reconnect, "
+                                     "connect URI, resolve discard-secondary, verify [resync]")
             async with self._lock:
                 await handlers[name][0](*args)
         except RepdiskError as e:
@@ -355,19 +656,85 @@ class PrimaryNode:
     async def connect_to(self, uri: str) -> None:
         self._event("connect")
         self.uri = uri
-        self._synced_identity = None
+        self._plain = False
         self.dirty.set_all()  # a new secondary: send it everything
         self._retry_now.set()
         self._state_changed.set()
         self._state_changed = trio.Event()
 
+    async def resolve(self, how: str) -> None:
+        if how != "discard-secondary":
+            raise UnknownCommand(f"resolve {how!r}: the primary knows 'resolve discard-secondary' (this disk wins; "
+                                 "to keep the secondary's data, fail it over and make it the primary instead)")
+        self._event("resolve")
+        self._force = True
+        self.dirty.set_all()  # what the secondary changed since the split is unknown: everything
+        self.error = None
+        log.warning("split brain resolved by the operator: the secondary's data is discarded (full sync)")
+        self._retry_now.set()
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+    async def start_verify(self, mode: str = "") -> None:
+        if mode not in ("", "resync"):
+            raise UnknownCommand(f"verify {mode!r}: use 'verify' or 'verify resync'")
+        if self.verify.started is not None and self.verify.finished is None:
+            raise Busy("a verify is already running")
+        self._event("verify")
+        nursery = self._link_nursery
+        self.verify.start(self.size)
+        self.verify_diffs = []
+        self.verify_result = "running"
+        nursery.start_soon(self._verify, self.link, mode == "resync")
+
+    async def _verify(self, link, resync: bool) -> None:
+        """Compare the local disk with the replica, VERIFY_CHUNK at a time
+        (link.read pipelines it as several NBD reads).  A chunk that a write
+        touched while it was compared is compared again."""
+        geo, image = self.geometry, self.image
+        diffs = self.verify_diffs
+        pos = 0
+        try:
+            while pos < geo.size:
+                n = min(VERIFY_CHUNK, geo.size - pos)
+                for _ in range(20):
+                    self._verify_window, self._verify_touched = (pos, pos + n), False
+                    await link.settle()  # every write forwarded before is on the replica
+                    remote = await link.read(pos, n)
+                    local = await trio.to_thread.run_sync(image.pread, pos, n)
+                    if not self._verify_touched:
+                        break
+                if local != remote:
+                    _diff_runs(diffs, geo, pos, local, remote)
+                self.verify.add(n)
+                pos += n
+        except RepdiskError as e:
+            self.verify_result = f"interrupted: {e}"
+            return
+        finally:
+            self._verify_window = None
+            self.verify.finish()
+            if self.verify_result == "running":
+                self.verify_result = "interrupted: the secondary was lost"
+        nbytes = sum(b - a for a, b in diffs) << geo.shift
+        self.verify_result = f"{len(diffs)} differing ranges, {nbytes} bytes" if diffs else "identical"
+        log.info("verify done: %s", self.verify_result)
+        if resync and diffs and self.state == st.P_REPLICATING and link is self.link:
+            for a, b in diffs:
+                self.dirty.set(a, b)
+            self._event("resync")
+            self.sync.start(0)
+            await self._sync_then_replicate(link)
+
     async def shutdown(self) -> None:
         """Clean stop: drain and flush replication, fsync the image."""
         link = self.link
+        drained = link is None
         if link is not None and link.failed is None:
             with trio.move_on_after(10) as timeout:
                 try:
                     await link.flush()
+                    drained = True
                     log.info("replication drained and flushed")
                 except RepdiskError as e:
                     log.warning("final flush to the secondary failed: %s", e)
@@ -377,6 +744,26 @@ class PrimaryNode:
         if link is not None:
             await _close_quietly(link)  # NBD_CMD_DISC: the secondary sees a clean disconnect
         await trio.to_thread.run_sync(self.image.fsync)
+        # A clean stop: the bitmap holds everything the secondary lacks.  Without a
+        # drained link, in-flight writes are only covered by the activity log.
+        self.meta.clean = drained or (link is not None and link.failed is not None)
+        await trio.to_thread.run_sync(self._persist)
+
+
+def _diff_runs(runs: list, geo: Geometry, start: int, local: bytes, remote: bytes) -> None:
+    """Append the runs [first, end) of blocks that differ between two equal
+    slices starting at byte `start` (block aligned).  Called only for slices
+    that differ, so the per-block loop is rare."""
+    bs = geo.block_size
+    b0 = start >> geo.shift
+    lv, rv = memoryview(local), memoryview(remote)
+    for i in range(0, len(local), bs):
+        if lv[i : i + bs] != rv[i : i + bs]:
+            blk = b0 + i // bs
+            if runs and runs[-1][1] == blk:
+                runs[-1] = (runs[-1][0], blk + 1)
+            else:
+                runs.append((blk, blk + 1))
 
 
 def _read_extents(image: RawImage, start: int, n: int):

@@ -12,6 +12,7 @@ import time
 
 import trio
 
+from ..core import meta as md
 from ..core.errors import RepdiskError, UnknownCommand
 from ..core.stack import SecondaryStack
 from . import state as st
@@ -23,11 +24,13 @@ log = logging.getLogger(__name__)
 class SecondaryNode:
     role = "secondary"
 
-    def __init__(self, stack: SecondaryStack, *, listen: str, invalidate=None):
+    def __init__(self, stack: SecondaryStack, *, listen: str, invalidate=None, meta_path: str | None = None):
         self.stack = stack
+        self.meta_path = meta_path
+        self.meta = self._load_meta()
         self.listen = listen
         self.state = st.S_WAITING
-        self.epoch = 0
+        self.epoch = self.meta.epoch
         self.error: str | None = None
         self.peer: str | None = None
         self.server = None  # NbdServer, set by the app
@@ -40,6 +43,71 @@ class SecondaryNode:
     @property
     def size(self) -> int:
         return self.stack.size
+
+    # ---- identity -----------------------------------------------------------
+    def _load_meta(self) -> md.Meta:
+        if self.meta_path is None:
+            return md.Meta(node=md.new_id())
+        boot = md.boot_id()
+        try:
+            m = md.load_meta(self.meta_path)
+            log.info("metadata: node %s, disk %s, generation %x", m.node, m.disk, m.gen)
+            if not m.clean and m.disk is not None and m.boot != boot:
+                # The host went down under us: what the replica acknowledged was in
+                # the page cache and may be lost.  Only a full sync is safe.
+                log.warning("%s: the host restarted since this node last ran (unclean stop): "
+                            "forgetting disk %s, the primary will do a full sync", self.meta_path, m.disk)
+                m.disk, m.gen = None, 0
+        except md.MetaError as e:
+            # Safe choice: belong to no disk, so the next primary does a full sync.
+            log.warning("%s; starting as a new node: the primary will do a full sync", e)
+            m = md.Meta(node=md.new_id())
+        m.clean = False
+        m.boot = boot
+        self._save(m)
+        return m
+
+    def _save(self, m: md.Meta | None = None) -> None:
+        if self.meta_path is not None:
+            md.save_meta(self.meta_path, m or self.meta)
+
+    @property
+    def description(self) -> str:
+        m = self.meta
+        return md.format_identity(m.node, m.disk, m.gen, self.epoch)
+
+    def check_export(self, name: str, commit: bool) -> str | None:
+        """The NBD server's hook for the export name a repdisk primary asks
+        for: refuse a primary of another disk or with diverged data."""
+        asked = md.parse_export_name(name)
+        if asked is None:
+            return f"no export named {name[:100]!r}"
+        m = self.meta
+        verdict = md.secondary_verdict(m.disk, m.gen, asked)
+        if verdict == md.FOREIGN:
+            why = (f"this secondary holds disk {m.disk}, not {asked['disk']} (a secondary of another pair?); "
+                   f"nothing overwritten; 'resolve discard-secondary' on the primary overwrites it")
+        elif verdict == md.SPLIT_BRAIN:
+            why = (f"split brain: this secondary's data generation {m.gen:x} took writes the primary does not "
+                   f"have (primary at {asked['gen']:x}, last shared {asked['peer']:x}); nothing overwritten; "
+                   f"'resolve discard-secondary' on the primary makes this node a copy of it")
+        else:
+            why = None
+        if why is not None:
+            self.error = why
+            if self.state in (st.S_WAITING, st.S_SPLIT_BRAIN):
+                self._event("split_brain")
+            return why
+        if commit:
+            log.info("primary of disk %s at generation %x accepted (%s)", asked["disk"], asked["gen"], verdict)
+            m.disk, m.gen = asked["disk"], asked["gen"]
+            self._save()
+            self._describe()
+        return None
+
+    def _describe(self) -> None:
+        if self.server is not None:
+            self.server.description = self.description
 
     def _event(self, event: str) -> str | None:
         new, action = st.transition(st.SECONDARY, st.SECONDARY_WHY, self.state, event)
@@ -92,6 +160,9 @@ class SecondaryNode:
             "active_bytes": self.stack.active.used_bytes,
             "peer": self.peer,
             "listen": self.listen,
+            "node_id": self.meta.node,
+            "disk_id": self.meta.disk,
+            "generation": f"{self.meta.gen:x}",
         }
         if self.state in (st.S_FAILOVER, st.S_STANDALONE) or self.commit.total:
             s["commit"] = self.commit.as_dict()
@@ -115,7 +186,9 @@ class SecondaryNode:
         self._event("checkpoint")
         self.stack.checkpoint()  # atomic: no await between the drop and the epoch
         self.epoch += 1
+        self.meta.epoch = self.epoch
         self.error = None
+        self._describe()
         log.info("checkpoint %d: overlays dropped", self.epoch)
         if self._invalidate is not None:
             await self._invalidate()
@@ -138,6 +211,10 @@ class SecondaryNode:
             self._commit_range = None
             self._commit_moved.set()
         self.stack.finish_commit()
+        # From now on this disk takes writes the primary does not get.
+        self.meta.gen = md.new_gen()
+        await trio.to_thread.run_sync(self._save)
+        self._describe()
         self._event("commit_done")
         self.commit.finish()
         log.info("failover done: %d bytes committed in %.3f s", self.commit.done, self.commit.elapsed)

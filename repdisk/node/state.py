@@ -8,8 +8,9 @@ node performs the action named in the table; the table itself does nothing.
 from ..core.errors import Busy, TryAgain
 
 # ---- secondary ---------------------------------------------------------------
-S_WAITING, S_REPLICATING, S_FAILOVER, S_STANDALONE = "waiting", "replicating", "failover", "standalone"
-SECONDARY_STATES = (S_WAITING, S_REPLICATING, S_FAILOVER, S_STANDALONE)
+S_WAITING, S_REPLICATING, S_FAILOVER, S_STANDALONE, S_SPLIT_BRAIN = (
+    "waiting", "replicating", "failover", "standalone", "split-brain")
+SECONDARY_STATES = (S_WAITING, S_REPLICATING, S_FAILOVER, S_STANDALONE, S_SPLIT_BRAIN)
 
 SECONDARY = {
     (S_WAITING, "connect"): (S_REPLICATING, "accept"),
@@ -23,12 +24,20 @@ SECONDARY = {
     (S_FAILOVER, "commit_done"): (S_STANDALONE, None),
     (S_FAILOVER, "commit_failed"): (S_FAILOVER, None),
     (S_FAILOVER, "disconnect"): (S_FAILOVER, None),
+    # A primary was refused: it has not got what this disk holds (split brain) or
+    # it is another disk's.  Waiting otherwise: the operator's resolution on the
+    # primary (force) or a failover here ends it.
+    (S_WAITING, "split_brain"): (S_SPLIT_BRAIN, None),
+    (S_SPLIT_BRAIN, "split_brain"): (S_SPLIT_BRAIN, None),
+    (S_SPLIT_BRAIN, "connect"): (S_REPLICATING, "accept"),
+    (S_SPLIT_BRAIN, "checkpoint"): (S_SPLIT_BRAIN, "drop_overlays"),
+    (S_SPLIT_BRAIN, "failover"): (S_FAILOVER, "commit"),
 }
 
 # ---- primary -----------------------------------------------------------------
-P_CONNECTING, P_SYNCING, P_REPLICATING, P_DEGRADED, P_STANDALONE = (
-    "connecting", "syncing", "replicating", "degraded", "standalone")
-PRIMARY_STATES = (P_CONNECTING, P_SYNCING, P_REPLICATING, P_DEGRADED, P_STANDALONE)
+P_CONNECTING, P_SYNCING, P_REPLICATING, P_DEGRADED, P_STANDALONE, P_SPLIT_BRAIN = (
+    "connecting", "syncing", "replicating", "degraded", "standalone", "split-brain")
+PRIMARY_STATES = (P_CONNECTING, P_SYNCING, P_REPLICATING, P_DEGRADED, P_STANDALONE, P_SPLIT_BRAIN)
 
 PRIMARY = {
     (P_CONNECTING, "connected"): (P_SYNCING, "sync"),
@@ -46,6 +55,17 @@ PRIMARY = {
     (P_CONNECTING, "reconnect"): (P_CONNECTING, "retry_now"),
     (P_DEGRADED, "connect"): (P_DEGRADED, "retarget"),
     (P_STANDALONE, "connect"): (P_DEGRADED, "retarget"),
+    # The secondary holds writes we do not have, or another disk: stop trying
+    # until an operator decides.  Nothing is sent to it meanwhile.
+    (P_CONNECTING, "split_brain"): (P_SPLIT_BRAIN, None),
+    (P_DEGRADED, "split_brain"): (P_SPLIT_BRAIN, None),
+    (P_SPLIT_BRAIN, "resolve"): (P_DEGRADED, "full_sync"),
+    (P_SPLIT_BRAIN, "reconnect"): (P_DEGRADED, "retry_now"),
+    (P_SPLIT_BRAIN, "connect"): (P_DEGRADED, "retarget"),
+    (P_SPLIT_BRAIN, "failover"): (P_STANDALONE, "drop_link"),
+    # Online verify: compare with the replica while replicating.
+    (P_REPLICATING, "verify"): (P_REPLICATING, "verify"),
+    (P_REPLICATING, "resync"): (P_SYNCING, "sync"),  # verify found differences
 }
 
 # Why an event is refused in a state, when the reason is worth a sentence.
@@ -68,7 +88,15 @@ PRIMARY_WHY = {
     ("reconnect", P_STANDALONE): (Busy, "standalone: use 'connect URI' to attach a secondary"),
     ("connect", P_REPLICATING): (Busy, "a secondary is connected: fail over first"),
     ("connect", P_SYNCING): (Busy, "a secondary is connected: fail over first"),
+    ("checkpoint", P_SPLIT_BRAIN): (Busy, "split brain: the secondary is not a copy of this disk; see 'resolve discard-secondary'"),
+    ("verify", P_SYNCING): (TryAgain, "the sync to the secondary is still running; verify when the state is replicating"),
+    ("verify", P_CONNECTING): (TryAgain, "not connected to the secondary yet"),
 }
+for _s in PRIMARY_STATES:
+    if _s != P_SPLIT_BRAIN:
+        PRIMARY_WHY[("resolve", _s)] = (Busy, f"nothing to resolve: the node is {_s}, not in split brain")
+for _s in (P_DEGRADED, P_STANDALONE, P_SPLIT_BRAIN):
+    PRIMARY_WHY.setdefault(("verify", _s), (Busy, f"verify needs a connected secondary (the node is {_s})"))
 
 
 def transition(table: dict, why: dict, state: str, event: str) -> tuple[str, str | None]:

@@ -1,0 +1,231 @@
+"""The primary node in-process against a fake secondary (a bytearray behind
+the link interface): the activity log's bound after a crash, eviction while
+degraded, identity verdicts on reconnect, the resync rate limit.  Timers run
+on trio's autojump clock."""
+
+import trio
+import trio.testing
+
+from repdisk.core import meta as md
+from repdisk.core.image import RawImage
+from repdisk.node import state as st
+from repdisk.node.primary import AL_SHIFT, PrimaryNode
+
+EXTENT = 1 << AL_SHIFT
+SIZE = 128 << 20
+
+
+class FakeSecondary:
+    """The data and identity a repdisk secondary would keep across connections."""
+
+    def __init__(self, size):
+        self.data = bytearray(size)
+        self.node, self.disk, self.gen = "fake", None, 0
+        self.links = []
+
+    def link(self, uri):
+        link = FakeLink(self, uri)
+        self.links.append(link)
+        return link
+
+
+class FakeLink:
+    def __init__(self, sec, uri):
+        self.sec, self.uri, self.size = sec, uri, len(sec.data)
+        self.description = None
+        self.failed = None
+        self.on_failure = None
+        self.inflight_requests = self.inflight_bytes = 0
+        self._closed = trio.Event()
+
+    async def connect(self):
+        from repdisk.edge.replica import uri_export
+
+        s = self.sec
+        self.description = md.format_identity(s.node, s.disk, s.gen, 0)  # before adopting, as the real one
+        asked = md.parse_export_name(uri_export(self.uri))
+        if md.secondary_verdict(s.disk, s.gen, asked) in (md.SPLIT_BRAIN, md.FOREIGN):
+            raise md_refused()
+        s.disk, s.gen = asked["disk"], asked["gen"]
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        await self._closed.wait()
+
+    async def write(self, buf, offset, wait=True):
+        self.sec.data[offset : offset + len(buf)] = buf
+        await trio.lowlevel.checkpoint()
+
+    async def zero(self, offset, length, wait=True):
+        self.sec.data[offset : offset + length] = bytes(length)
+        await trio.lowlevel.checkpoint()
+
+    async def read(self, offset, length):
+        return bytes(self.sec.data[offset : offset + length])
+
+    async def flush(self):
+        await trio.lowlevel.checkpoint()
+
+    drain = settle = flush
+
+    def completions(self):
+        return 0
+
+    def statistics(self):
+        return {}
+
+    def cut(self):
+        from repdisk.edge.replica import ReplicaError
+
+        self.failed = ReplicaError("cut", 104)
+        self._closed.set()
+
+    async def close(self):
+        self._closed.set()
+
+
+def md_refused():
+    from repdisk.edge.replica import ReplicaError
+
+    return ReplicaError("handshake: server policy prevents NBD_OPT_GO", 1)
+
+
+def make_node(tmp_path, sec, **kw):
+    image = RawImage.open(str(tmp_path / "pri.img"), SIZE)
+    return PrimaryNode(image, uri="nbd+unix:///?socket=/nowhere", link_factory=sec.link, io_timeout=0,
+                       meta_path=str(tmp_path / "pri.img.meta"), al_path=str(tmp_path / "pri.img.al"), **kw)
+
+
+async def wait_state(node, state):
+    while node.state != state:
+        await trio.sleep(0.01)
+
+
+async def run_node(node, body):
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.supervise)
+        await body(node)
+        nursery.cancel_scope.cancel()
+
+
+def dirty_extents(node):
+    shift = AL_SHIFT - node.geometry.shift
+    return sorted({a >> shift for a, b in node.dirty.runs() for a in range(a, b, 1 << shift)})
+
+
+def test_crash_costs_at_most_the_activity_log(tmp_path):
+    sec = FakeSecondary(SIZE)
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        for e in range(30):  # 30 extents, more than the log holds
+            await node.disk_write(e * EXTENT + 100, b"x" * 5000)
+        assert len(node._al) == 8 and node.al_writes == 30
+
+    node = make_node(tmp_path, sec, al_extents=8)
+    trio.run(run_node, node, body, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert bytes(sec.data) == node.image.pread(0, SIZE)
+    # "kill -9": no shutdown.  The next start knows which extents may differ: the last 8.
+    node2 = make_node(tmp_path, sec, al_extents=8)
+    assert dirty_extents(node2) == list(range(22, 30))
+    assert node2.dirty.count() << node2.geometry.shift == 8 * EXTENT
+
+    async def body2(node):
+        await wait_state(node, st.P_REPLICATING)
+        assert node.resync_kind == md.INCREMENTAL and node.sync.done == 8 * EXTENT
+
+    trio.run(run_node, node2, body2, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_writes_while_degraded_survive_a_crash_past_the_log(tmp_path):
+    sec = FakeSecondary(SIZE)
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        sec.links[-1].cut()
+        node._link_failed("cut")
+        await wait_state(node, st.P_DEGRADED)
+        for e in range(20):  # evictions must put these dirty bits into the persisted bitmap
+            await node.disk_write(e * EXTENT, b"y" * 4096)
+
+    node = make_node(tmp_path, sec, al_extents=4)
+    node._link_factory = _first_only(sec, sec.link)
+    trio.run(run_node, node, body, clock=trio.testing.MockClock(autojump_threshold=0))
+    node2 = make_node(tmp_path, sec, al_extents=4)
+    assert dirty_extents(node2) == list(range(20))
+    assert node2.dirty.count() << node2.geometry.shift <= 20 * EXTENT
+
+
+def _first_only(sec, real):
+    """A secondary that answers once, then never again (connection refused)."""
+    from repdisk.edge.replica import ReplicaError
+
+    def factory(uri):
+        if sec.links:
+            raise ReplicaError("connection refused", 111)
+        return real(uri)
+
+    return factory
+
+
+def test_clean_stop_keeps_the_bitmap_and_resync_rate_is_kept(tmp_path):
+    sec = FakeSecondary(SIZE)
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        t0 = trio.current_time()
+        assert node.sync.done == SIZE
+        # 128 MiB at 64 MiB/s: at least 2 s on the (mock) clock.  (No upper bound:
+        # the autojump clock also jumps while the sync waits for its reader thread.)
+        assert t0 - start[0] >= 1.99
+        await node.shutdown()
+
+    start = [0.0]
+
+    async def main(node):
+        start[0] = trio.current_time()
+        await run_node(node, body)
+
+    node = make_node(tmp_path, sec, resync_rate=64 << 20)
+    trio.run(main, node, clock=trio.testing.MockClock(autojump_threshold=0))
+    m = md.load_meta(str(tmp_path / "pri.img.meta"))
+    assert m.clean and m.disk == sec.disk and m.gen == m.peer_gen == sec.gen
+    node2 = make_node(tmp_path, sec)
+    assert not node2.dirty.any()
+
+
+def test_metadata_written_during_a_sync_keeps_what_is_not_yet_sent(tmp_path):
+    """The sync clears dirty bits before it sends the blocks: a metadata write
+    (state change, eviction) in between must still list them."""
+    sec = FakeSecondary(SIZE)
+    gate = trio.Event()
+
+    class SlowLink(FakeLink):
+        async def write(self, buf, offset, wait=True):
+            await gate.wait()
+            await super().write(buf, offset, wait)
+
+        zero = FakeLink.zero
+
+    (tmp_path / "pri.img").write_bytes(b"\x01" * SIZE)  # data, so the sync sends writes
+    node = make_node(tmp_path, sec)
+    node._link_factory = lambda uri: SlowLink(sec, uri)
+    persisted = []
+
+    async def main(node):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.supervise)
+            while node._sync_window is None:
+                await trio.sleep(0.01)
+            node._persist()
+            persisted.append(md.load_meta(str(tmp_path / "pri.img.meta")))
+            gate.set()
+            await wait_state(node, st.P_REPLICATING)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, node, clock=trio.testing.MockClock(autojump_threshold=0))
+    from repdisk.core.bitmap import Bitmap
+
+    bm = Bitmap.from_bytes(persisted[0].bitmap, persisted[0].nbits)
+    assert bm.count() == len(bm)  # everything is still owed to the secondary
+    assert bytes(sec.data) == b"\x01" * SIZE
