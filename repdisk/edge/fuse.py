@@ -120,6 +120,7 @@ class DiskFS(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self._attr(inode), i + 1):
                 break
 
+    @fuse_errors
     async def releasedir(self, fh):
         pass
 
@@ -162,12 +163,15 @@ class DiskFS(pyfuse3.Operations):
         if fh == DISK:
             await self.node.disk_fsync()
 
+    @fuse_errors
     async def flush(self, fh):
         pass
 
+    @fuse_errors
     async def release(self, fh):
         self._snapshots.pop(fh, None)
 
+    @fuse_errors
     async def statfs(self, ctx):
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
