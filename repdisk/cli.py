@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "requests in flight, before it is declared lost (default 10; 0: never)")
     pr.add_argument("--resync-rate", type=_size, default=0, help="bytes per second for (re)sync, e.g. 100M "
                     "(default: unlimited), so that a resync does not starve the VM")
-    pr.add_argument("--al-extents", type=int, default=64, help="activity log: 4 MiB extents kept active; a crash "
-                    "costs at most this many x 4 MiB of resync (default 64; 0: no log, a crash costs a full sync)")
+    pr.add_argument("--al-extents", type=int, default=1024, help="activity log: 4 MiB extents kept active; a crash "
+                    "costs at most this many x 4 MiB of resync (default 1024 = 4 GiB; 0: no log, a crash costs a full sync)")
 
     pa = sub.add_parser("pair", help="run a primary and a secondary on this machine (tools/run)")
     pa.add_argument("--root", default=".", help="folder holding state/ and mount/ (default: current)")

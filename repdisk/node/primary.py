@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SYNC_CHUNK = 4 << 20  # bytes per sync request
 AL_SHIFT = 22  # activity-log extent: 4 MiB
-AL_SLOTS = 64  # extents kept active: a crash costs at most 64 x 4 MiB = 256 MiB of resync
+AL_SLOTS = 1024  # extents kept active: a crash costs at most 1024 x 4 MiB = 4 GiB of resync
 VERIFY_CHUNK = 16 << 20  # bytes compared at a time (4 pipelined NBD reads)
 
 
