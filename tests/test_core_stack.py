@@ -159,7 +159,6 @@ def test_hidden_holds_only_what_the_primary_overwrote(tmp_path):
 
 
 def test_cbw_of_a_hole_copies_nothing(tmp_path):
-    path = str(tmp_path / "r.img")
     stack = make_stack(str(tmp_path), 1 << 20)
     stack.primary_write(b"x" * 100_000, 5000)
     assert stack.hidden.used_bytes > 0

@@ -1,14 +1,13 @@
 """The replicated pair end to end: both nodes as processes with real mounts,
 a seeded random workload checked against the model after every step."""
 
-import errno
 import os
 import random
 
 import pytest
 
 from model import PairModel
-from nodes import needs_fuse, read_file, wait_until, write_file
+from nodes import needs_fuse, read_file, write_file
 
 pytestmark = needs_fuse
 

@@ -5,7 +5,6 @@ import errno
 import os
 import random
 import shutil
-import signal
 import subprocess
 
 import pytest

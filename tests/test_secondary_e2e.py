@@ -12,7 +12,7 @@ import nbd
 import pytest
 
 from model import PairModel
-from nodes import errno_of, needs_fuse, read_file, wait_until, write_file
+from nodes import errno_of, needs_fuse, read_file, write_file
 
 pytestmark = needs_fuse
 

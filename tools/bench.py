@@ -30,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import report  # noqa: E402
-from benchlib.fio import DESCRIPTION, WORKLOADS, job_options, run_fio, write_random  # noqa: E402
+from benchlib.fio import WORKLOADS, job_options, run_fio, write_random  # noqa: E402
 from benchlib.targets import REPO, PlainTarget, QemuPair, RepdiskPair  # noqa: E402
 from benchlib.util import (GiB, MiB, TiB, BenchError, cmd_version, dump_json, log,  # noqa: E402
                            copy_image, make_filled_image, make_random_image, remove_tree,

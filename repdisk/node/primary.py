@@ -448,7 +448,7 @@ class PrimaryNode:
     async def _sync(self, link) -> None:
         """Send every dirty block: data runs as writes, holes and zeros as
         WRITE_ZEROES, up to SYNC_CHUNK per request, pipelined (wait=False)."""
-        geo, dirty, image = self.geometry, self.dirty, self.image
+        geo, dirty = self.geometry, self.dirty
         self.sync.start(dirty.count() << geo.shift)
         per = SYNC_CHUNK >> geo.shift
         if self.resync_rate > 0:

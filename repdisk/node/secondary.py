@@ -8,7 +8,6 @@ view writes wait while the chunk they touch is being copied (`_commit_range`).
 """
 
 import logging
-import time
 
 import trio
 
