@@ -229,3 +229,15 @@ def test_metadata_written_during_a_sync_keeps_what_is_not_yet_sent(tmp_path):
     bm = Bitmap.from_bytes(persisted[0].bitmap, persisted[0].nbits)
     assert bm.count() == len(bm)  # everything is still owed to the secondary
     assert bytes(sec.data) == b"\x01" * SIZE
+
+
+def test_the_checkpoint_epoch_survives_a_restart(tmp_path):
+    """The epoch is persisted with the metadata and read back, not reset."""
+    sec = FakeSecondary(SIZE)
+    node = make_node(tmp_path, sec)
+    node.epoch = 7
+    node._persist()
+    node.image.close()
+    again = make_node(tmp_path, sec)
+    assert again.epoch == 7 and again.status()["epoch"] == 7
+    again.image.close()

@@ -76,7 +76,6 @@ class PrimaryNode:
         self.attempts = 0
         self.next_attempt: float | None = None
         self.reconnect_error: str | None = None
-        self._stopping = False  # a clean stop closes the link: not a failure
         self._link_factory = link_factory
         self.writes_forwarded = 0
         self.writes_marked = 0
@@ -90,7 +89,6 @@ class PrimaryNode:
         self.resync_rate = resync_rate  # bytes/s of (re)sync, 0: unlimited
         self.meta_problem: str | None = None
         self.meta = self._load_meta(assume_synced)
-        self.epoch = self.meta.epoch
         # Activity log: extents that may hold writes the secondary has not acknowledged.
         self._al: collections.OrderedDict[int, trio.Event] = collections.OrderedDict()  # LRU first
         self._al_leaving: set[int] = set()  # evicted, not yet safe to drop from the file
@@ -156,6 +154,7 @@ class PrimaryNode:
             dirty.clear_all()
         m.clean = False
         self.meta = m
+        self.epoch = m.epoch  # before persisting: _persist writes self.epoch back
         self._persist()  # the restored set (bitmap + activity log) is now in the bitmap
         return m
 
@@ -182,7 +181,7 @@ class PrimaryNode:
         if self.meta_path is None:
             return
         m = self.meta
-        m.epoch = self.epoch if hasattr(self, "epoch") else m.epoch
+        m.epoch = self.epoch
         bits = self.dirty.bits if self._sync_base is None else self.dirty.bits | self._sync_base
         m.nbits, m.bitmap = len(bits), bits.tobytes()
         try:
