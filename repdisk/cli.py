@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--al-extents", type=int, default=1024, help="activity log: 4 MiB extents kept active; a crash "
                     "costs at most this many x 4 MiB of resync (default 1024 = 4 GiB; 0: no log, a crash costs a full sync)")
 
+    pr.add_argument("--checkpoint-flush", action="store_true", help="every checkpoint also sends NBD FLUSH, so the "
+                    "replica is durable up to the last checkpoint (default: a checkpoint waits for the secondary's "
+                    "acknowledgements only, which is all COLO needs; 'checkpoint flush' does it once)")
+
     pa = sub.add_parser("pair", help="run a primary and a secondary on this machine (tools/run)")
     pa.add_argument("--root", default=".", help="folder holding state/ and mount/ (default: current)")
     pa.add_argument("--size", default="1G", help="disk size of new images (default 1G)")

@@ -70,7 +70,8 @@ def run_primary(args) -> int:
                        async_queue=args.async_queue, assume_synced=args.assume_synced,
                        connect_timeout=args.connect_timeout, meta_path=f"{prefix}.meta",
                        al_path=f"{prefix}.al" if args.al_extents > 0 else None, al_extents=args.al_extents,
-                       io_timeout=args.io_timeout, resync_rate=args.resync_rate)
+                       io_timeout=args.io_timeout, resync_rate=args.resync_rate,
+                       checkpoint_flush=args.checkpoint_flush)
 
     async def main():
         # Connect before mounting, so that a secondary of the wrong size is

@@ -1,6 +1,7 @@
 """The replicated pair end to end: both nodes as processes with real mounts,
 a seeded random workload checked against the model after every step."""
 
+import errno
 import os
 import random
 
@@ -159,3 +160,28 @@ def test_concurrent_writers_replicate(nodes, tmp_path):
     pri.command("checkpoint")
     sec.command("checkpoint")
     assert read_file(sec.disk) == read_file(pri.disk)
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_checkpoint_flushes_only_when_asked(nodes, tmp_path, flag):
+    """A checkpoint waits for the secondary's acknowledgements (all COLO needs);
+    NBD FLUSH goes out with `checkpoint flush` or --checkpoint-flush only."""
+    pri, sec = start_pair(nodes, tmp_path, mode="async", extra=("--checkpoint-flush",) if flag else ())
+    model = PairModel(SIZE)
+    rng = random.Random(3)
+
+    def flushes():
+        return sec.status()["nbd"]["requests"]["flush"]
+
+    for _ in range(20):
+        off, data = rng.randrange(SIZE - 8192), rng.randbytes(rng.randrange(1, 8192))
+        write_file(pri.disk, data, off)
+        model.primary_write(off, data)
+    before = flushes()
+    checkpoint(pri, sec, model)
+    assert flushes() == before + (1 if flag else 0)
+    assert read_file(sec.disk) == bytes(model.view) == bytes(model.primary)
+    pri.command("checkpoint flush")
+    assert flushes() == before + (2 if flag else 1)
+    assert pri.command_errno("checkpoint later") == errno.EINVAL
+    assert "checkpoint 'later'" in pri.status()["error"]

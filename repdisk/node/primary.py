@@ -53,7 +53,8 @@ class PrimaryNode:
     def __init__(self, image: RawImage, *, uri: str, mode: str = "sync", block_size: int = 4096,
                  async_queue: int = 64 << 20, assume_synced: bool = False, connect_timeout: float = 10.0,
                  link_factory=None, meta_path: str | None = None, al_path: str | None = None,
-                 al_extents: int = AL_SLOTS, io_timeout: float = 10.0, resync_rate: int = 0):
+                 al_extents: int = AL_SLOTS, io_timeout: float = 10.0, resync_rate: int = 0,
+                 checkpoint_flush: bool = False):
         self.image = image
         self.geometry = Geometry(image.size, block_size)
         self.uri = uri
@@ -87,6 +88,7 @@ class PrimaryNode:
         self.al_extents = al_extents
         self.io_timeout = io_timeout
         self.resync_rate = resync_rate  # bytes/s of (re)sync, 0: unlimited
+        self.checkpoint_flush = checkpoint_flush  # every checkpoint also sends NBD FLUSH
         self.meta_problem: str | None = None
         self.meta = self._load_meta(assume_synced)
         # Activity log: extents that may hold writes the secondary has not acknowledged.
@@ -616,13 +618,13 @@ class PrimaryNode:
         return s
 
     async def command(self, text: str) -> None:
-        handlers = {"checkpoint": (self.checkpoint, (0,)), "failover": (self.failover, (0,)),
+        handlers = {"checkpoint": (self.checkpoint, (0, 1)), "failover": (self.failover, (0,)),
                     "reconnect": (self.reconnect, (0,)), "connect": (self.connect_to, (1,)),
                     "resolve": (self.resolve, (1,)), "verify": (self.start_verify, (0, 1))}
         try:
             name, args = parse_command(text)
             if name not in handlers or len(args) not in handlers[name][1]:
-                raise UnknownCommand(f"unknown command {text!r}; the primary knows: checkpoint, failover, reconnect, "
+                raise UnknownCommand(f"unknown command {text!r}; the primary knows: checkpoint [flush], failover, reconnect, "
                                      "connect URI, resolve discard-secondary, verify [resync]")
             async with self._lock:
                 await handlers[name][0](*args)
@@ -630,17 +632,27 @@ class PrimaryNode:
             self.error = str(e)
             raise
 
-    async def checkpoint(self) -> None:
+    async def checkpoint(self, how: str = "") -> None:
+        """Return once every write acknowledged on disk.img before now is on the
+        secondary (in its page cache: COLO needs the secondary's view to equal
+        this disk, not durability).  `checkpoint flush` (or --checkpoint-flush)
+        also sends NBD FLUSH, so the replica is durable up to this checkpoint."""
+        if how not in ("", "flush"):
+            raise UnknownCommand(f"checkpoint {how!r}: use 'checkpoint' or 'checkpoint flush'")
         self._event("checkpoint")
+        flush = how == "flush" or self.checkpoint_flush
         link = self.link
         try:
-            await link.flush()  # every write acknowledged before now, then NBD FLUSH
+            if flush:
+                await link.flush()  # every write acknowledged before now, then NBD FLUSH
+            else:
+                await link.settle()  # every write acknowledged before now
         except RepdiskError as e:
             self._link_failed(e)
-            raise IOFailure("checkpoint: the secondary did not take the flush", None) from e
+            raise IOFailure("checkpoint: the secondary did not take the " + ("flush" if flush else "writes"), None) from e
         self.epoch += 1
         self.error = None
-        log.info("checkpoint %d: replication drained and flushed", self.epoch)
+        log.info("checkpoint %d: replication drained%s", self.epoch, " and flushed" if flush else "")
 
     async def failover(self) -> None:
         self._event("failover")
