@@ -222,3 +222,26 @@ def test_overlay_files_are_reused_and_stale_blocks_never_show(tmp_path):
     assert again.hidden.used_bytes == 0 and again.active.used_bytes == 0
     assert again.view_read(0, size) == again.replica_read(0, size)
     again.close()
+
+
+def test_view_read_layer_precedence(tmp_path):
+    """Blocks held by both overlays read from active; a read inside one layer
+    (the one-pread fast paths) and a read across layers agree."""
+    orig = bytes(range(256)) * (4 * BS // 256)
+    stack = make_stack(str(tmp_path), 4 * BS, orig)
+    try:
+        stack.primary_write(b"P" * (4 * BS), 0)  # hidden keeps the original four blocks
+        stack.view_write(b"A" * BS, BS)  # block 1: in both overlays, active wins
+        stack.view_write(b"B" * 10, 3 * BS + 5)  # block 3: partial, filled from hidden
+        want = bytearray(orig)
+        want[BS : 2 * BS] = b"A" * BS
+        want[3 * BS + 5 : 3 * BS + 15] = b"B" * 10
+        assert stack.view_read(BS, BS) == b"A" * BS  # active holds it all
+        assert stack.view_read(0, BS) == orig[:BS]  # hidden holds it all
+        assert stack.view_read(BS - 7, 14) == bytes(want[BS - 7 : BS + 7])  # across layers
+        assert stack.view_read(0, 4 * BS) == bytes(want)
+        assert stack.view_read(3 * BS, BS) == bytes(want[3 * BS :])
+        stack.checkpoint()
+        assert stack.view_read(0, 4 * BS) == b"P" * (4 * BS)
+    finally:
+        stack.close()

@@ -58,8 +58,15 @@ class SecondaryStack:
     def view_read(self, offset: int, length: int) -> bytes:
         self.geometry.check(offset, length)
         b0, b1 = self.geometry.blocks(offset, length)
-        if not self._covered(b0, b1):
+        hidden, active = self.hidden.map, self.active.map
+        in_active = active.any(b0, b1)
+        if not in_active and not hidden.any(b0, b1):
             return self.replica.pread(offset, length)
+        # One layer holds the whole range (a small read, usually): one pread.
+        if in_active and active.all(b0, b1):
+            return self.active.file.pread(offset, length)
+        if not in_active and hidden.all(b0, b1):
+            return self.hidden.file.pread(offset, length)
         return bytes(self._read(offset, length, (self.hidden, self.active)))
 
     def replica_read(self, offset: int, length: int) -> bytes:
