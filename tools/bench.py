@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import report  # noqa: E402
 from benchlib.fio import WORKLOADS, job_options, run_fio, write_random  # noqa: E402
-from benchlib.targets import REPO, PlainTarget, QemuPair, RepdiskPair  # noqa: E402
+from benchlib.targets import REPO, PassthroughTarget, PlainTarget, QemuPair, RepdiskPair  # noqa: E402
 from benchlib.util import (GiB, MiB, TiB, BenchError, cmd_version, dump_json, log,  # noqa: E402
                            copy_image, make_filled_image, make_random_image, remove_tree,
                            rss_bytes)
@@ -53,7 +53,7 @@ class Config:
             self.sync_size = 512 * MiB
             self.sync_transports = ["unix"]
             self.rss_write = 128 * MiB
-            self.fio_targets = ["plain", "qemu-pri", "qemu-sec", "rd-sync-tcp", "rd-async-tcp",
+            self.fio_targets = ["plain", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-tcp", "rd-async-tcp",
                                 "rd-sec"]
             self.ckpt_systems = ["qemu", "rd-sync", "rd-async"]
         else:
@@ -65,7 +65,7 @@ class Config:
             self.sync_size = 1 * GiB
             self.sync_transports = ["unix", "tcp"]
             self.rss_write = 1 * GiB
-            self.fio_targets = ["plain", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix",
+            self.fio_targets = ["plain", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix",
                                 "rd-sync-tcp", "rd-async-tcp", "rd-sec"]
             self.ckpt_systems = ["qemu", "rd-sync", "rd-async"]
         self.rss_disk = 1 * TiB
@@ -101,7 +101,7 @@ def stop_all():
 
 
 TARGET_LABEL = {
-    "plain": "plain file", "qemu-pri": "QEMU primary", "qemu-sec": "QEMU secondary view",
+    "plain": "plain file", "py-floor": "pyfuse3 passthrough", "qemu-pri": "QEMU primary", "qemu-sec": "QEMU secondary view",
     "rd-sync-unix": "repdisk sync unix", "rd-async-unix": "repdisk async unix",
     "rd-sync-tcp": "repdisk sync tcp", "rd-async-tcp": "repdisk async tcp",
     "rd-sec": "repdisk secondary view",
@@ -151,7 +151,9 @@ def _start_fio_target(key, d, size):
         if key == "plain":
             t = PlainTarget(d, size)
             return t, t.path
-        if key.startswith("qemu"):
+        if key == "py-floor":
+            t = PassthroughTarget(d, size)
+        elif key.startswith("qemu"):
             t = QemuPair(d, size)
         elif key == "rd-sec":
             t = RepdiskPair(d, size, mode="sync", transport="unix")
@@ -162,6 +164,8 @@ def _start_fio_target(key, d, size):
         _LIVE.append(t)
         t.start()
         _LIVE.remove(t)
+        if key == "py-floor":
+            return t, t.path
         return t, (t.sec_view if key.endswith("sec") else t.pri_view)
     except BaseException:
         for t in holder:

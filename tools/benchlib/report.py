@@ -4,7 +4,7 @@ from __future__ import annotations
 from .fio import DESCRIPTION, IS_WRITE, METRIC, WORKLOADS
 from .util import MiB, summarize
 
-FIO_ORDER = ["plain", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix", "rd-sync-tcp",
+FIO_ORDER = ["plain", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix", "rd-sync-tcp",
              "rd-async-tcp", "rd-sec"]
 CKPT_LABEL = {"qemu": "QEMU", "rd-sync": "repdisk sync", "rd-async": "repdisk async"}
 
@@ -12,7 +12,7 @@ CKPT_LABEL = {"qemu": "QEMU", "rd-sync": "repdisk sync", "rd-async": "repdisk as
 def _qemu_peer(key: str) -> str | None:
     if key == "rd-sec":
         return "qemu-sec"
-    if key.startswith("rd-"):
+    if key.startswith("rd-") or key == "py-floor":
         return "qemu-pri"
     return None
 
@@ -67,6 +67,8 @@ def summarize_all(res: dict) -> dict:
             ratios["xQEMU"] = _ratio(s["v"], fio_summ[(wl, io, peer)]["v"])
         if key != "plain" and (wl, io, "plain") in fio_summ:
             ratios["xplain"] = _ratio(s["v"], fio_summ[(wl, io, "plain")]["v"])
+        if key.startswith("rd-") and (wl, io, "py-floor") in fio_summ:
+            ratios["xfloor"] = _ratio(s["v"], fio_summ[(wl, io, "py-floor")]["v"])
         extra = {"workload": wl, "io": io, "key": key}
         if s["p50"]:
             extra["p50_us"] = s["p50"]["median"]
@@ -244,8 +246,9 @@ def table(res: dict, summary: dict) -> str:
     lines = [f"repdisk benchmark  {meta['started']}  git {meta['git']}  "
              f"{'quick' if meta['quick'] else 'full'} mode, {meta['config']['reps']} reps, "
              f"{meta['cpus']} CPUs, kernel {meta['kernel']}, {meta['qemu']}",
-             "figures: median (min-max) of the repetitions; xQEMU/xplain = repdisk / baseline "
-             "(for ms, MiB and x rows lower is better)"]
+             "figures: median (min-max) of the repetitions; xQEMU/xplain/xfloor = repdisk / baseline "
+             "(floor: a minimal pyfuse3 passthrough of a raw file; for ms, MiB and x rows lower "
+             "is better)"]
     if not meta.get("repdisk"):
         lines.append(f"repdisk not measured: {meta.get('repdisk_unavailable_reason')}")
     head = f"{'item':46} {'target':28} {'median':>10} {'(min-max)':>21} {'unit':6} " \
@@ -329,7 +332,7 @@ def _bars(ax, sel, title, unit, log=False):
     names = [r["target"] for r in sel]
     med = [r["median"] for r in sel]
     err = [[r["median"] - r["min"] for r in sel], [r["max"] - r["median"] for r in sel]]
-    colors = ["#888888" if "plain" in n else "#d62728" if "QEMU" in n or "nbdcopy" in n
+    colors = ["#888888" if "plain" in n or "passthrough" in n else "#d62728" if "QEMU" in n or "nbdcopy" in n
               else "#1f77b4" for n in names]
     y = range(len(sel))
     ax.barh(list(y), med, xerr=err, color=colors, capsize=3)

@@ -47,6 +47,33 @@ class PlainTarget:
         pass
 
 
+class PassthroughTarget:
+    """The Python FUSE floor: tools/benchlib/passthrough.py over a raw file."""
+
+    label = "pyfuse3 passthrough"
+
+    def __init__(self, dirpath: str, size: int):
+        self.dir = dirpath
+        os.makedirs(dirpath, exist_ok=True)
+        self.image = os.path.join(dirpath, "floor.img")
+        self.mount = os.path.join(dirpath, "mnt")
+        os.makedirs(self.mount, exist_ok=True)
+        self.path = os.path.join(self.mount, "disk.img")
+        _images(dirpath, size, None, ("floor.img",))
+        self.procs: dict[str, Proc] = {}
+
+    def start(self):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "passthrough.py")
+        self.procs["floor"] = Proc("floor", [sys.executable, script, self.image, self.mount], self.dir)
+        wait_for(lambda: self.procs["floor"].check_alive() or os.path.exists(self.path),
+                 timeout=30, what="the pyfuse3 passthrough mount")
+
+    def stop(self):
+        for p in self.procs.values():
+            p.stop()
+        lazy_unmount(self.mount)
+
+
 class QemuPair:
     """Two `qemu-system-x86_64 -M none` processes wired up as in the issue's recipe."""
 

@@ -1,0 +1,96 @@
+"""The Python FUSE floor: a minimal pyfuse3 passthrough of one raw file.
+
+    python passthrough.py IMAGE MOUNTPOINT
+
+Shows IMAGE as MOUNTPOINT/disk.img with the same mount options and pyfuse3
+task settings as repdisk's front end, and nothing else: each read or write is
+one os.pread/os.pwrite inline in the handler.  The benchmark runs fio on it
+next to repdisk, so that its tables separate what a single-threaded Python
+FUSE daemon costs on this machine from what repdisk adds on top.  Stops on
+SIGTERM/SIGINT (unmounting)."""
+
+import errno
+import os
+import signal
+import stat
+import sys
+
+import pyfuse3
+import trio
+
+DISK = pyfuse3.ROOT_INODE + 1
+
+
+class Passthrough(pyfuse3.Operations):
+    def __init__(self, fd: int, size: int):
+        super().__init__()
+        self.fd, self.size = fd, size
+
+    def _attr(self, inode):
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.attr_timeout = a.entry_timeout = 300
+        if inode == pyfuse3.ROOT_INODE:
+            a.st_mode = stat.S_IFDIR | 0o755
+        elif inode == DISK:
+            a.st_mode = stat.S_IFREG | 0o644
+            a.st_size = self.size
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return a
+
+    async def getattr(self, inode, ctx=None):
+        return self._attr(inode)
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode != pyfuse3.ROOT_INODE or name != b"disk.img":
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(DISK)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        return self._attr(inode)
+
+    async def open(self, inode, flags, ctx):
+        return pyfuse3.FileInfo(fh=inode)
+
+    async def read(self, fh, off, size):
+        return os.pread(self.fd, min(size, max(0, self.size - off)), off)
+
+    async def write(self, fh, off, buf):
+        if off + len(buf) > self.size:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        return os.pwrite(self.fd, buf, off)
+
+    async def fsync(self, fh, datasync):
+        os.fsync(self.fd)
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        pass
+
+
+async def main(fs, mountpoint):
+    opts = set(pyfuse3.default_options) | {"fsname=pyfuse3-floor", "allow_other"}
+    opts.discard("default_permissions")
+    pyfuse3.init(fs, mountpoint, opts)
+    try:
+        async with trio.open_nursery() as nursery:
+            async def stop_on_signal():
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(stop_on_signal)
+            await pyfuse3.main(min_tasks=4, max_tasks=64)  # as repdisk's app.serve_node
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+if __name__ == "__main__":
+    image, mountpoint = sys.argv[1], sys.argv[2]
+    fd = os.open(image, os.O_RDWR)
+    trio.run(main, Passthrough(fd, os.fstat(fd).st_size), mountpoint)
