@@ -184,8 +184,9 @@ class PrimaryNode:
             return
         m = self.meta
         m.epoch = self.epoch
-        bits = self.dirty.bits if self._sync_base is None else self.dirty.bits | self._sync_base
-        m.nbits, m.bitmap = len(bits), bits.tobytes()
+        # A snapshot (this may run in a thread while the loop marks blocks).
+        bits = self.dirty.bits.copy() if self._sync_base is None else self.dirty.bits | self._sync_base
+        m.nbits, m.bitmap = len(bits), bits
         try:
             md.save_meta(self.meta_path, m)
         except OSError as e:
