@@ -81,3 +81,29 @@ def test_link_cut_and_restore_resyncs_only_the_dirty_bytes(nodes, tmp_path, two_
     pri.command("checkpoint")
     sec.command("checkpoint")
     assert read_file(pri.disk) == read_file(sec.disk)
+
+
+def test_secondary_drops_a_primary_whose_host_vanished(nodes, tmp_path, two_hosts):
+    """The primary's host dies with the link down (no FIN ever arrives): TCP
+    keepalive (10 s idle, 3 probes 5 s apart) ends the connection, so the one
+    client slot is free again and a new primary gets in."""
+    h = two_hosts
+    args = ("--disk", str(tmp_path / "pri.img"), "--size", str(SIZE), "--secondary", f"nbd://{h['addr_b']}:10809",
+            "--io-timeout", "2")
+    sec = nodes("secondary", "--disk", str(tmp_path / "sec.img"), "--size", str(SIZE),
+                "--listen", f"{h['addr_b']}:10809", name="secondary", prefix=in_ns(h["b"]))
+    pri = nodes("primary", *args, name="primary", prefix=in_ns(h["a"]))
+    pri.wait_state("replicating")
+    write_file(pri.disk, b"before the crash" * 4096, 0)
+    assert sec.status()["peer"] is not None
+    ip("-n", h["a"], "link", "set", h["dev_a"], "down")
+    pri.kill()  # its FIN is lost on the dead link
+    s = wait_until(lambda: (st := sec.status())["peer"] is None and st, timeout=60, interval=0.5,
+                   what="the secondary dropping the vanished primary")
+    assert "ended" in s["error"]
+    ip("-n", h["a"], "link", "set", h["dev_a"], "up")
+    pri2 = nodes("primary", *args, mount=pri.mount, name="primary2", prefix=in_ns(h["a"]))
+    pri2.wait_state("replicating", timeout=60)
+    pri2.command("checkpoint")
+    sec.command("checkpoint")
+    assert read_file(pri2.disk) == read_file(sec.disk)
