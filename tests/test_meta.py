@@ -3,13 +3,14 @@
 import os
 
 import pytest
+from bitarray import bitarray
 
 from repdisk.core import meta as md
 
 
 def test_meta_round_trip_and_atomic_replace(tmp_path):
     p = str(tmp_path / "x.meta")
-    m = md.Meta(node="n1", disk="d1", gen=md.new_gen(), peer_gen=5, epoch=3, clean=True, nbits=13, bitmap=b"\xff\x10",
+    m = md.Meta(node="n1", disk="d1", gen=md.new_gen(), peer_gen=5, epoch=3, clean=True, nbits=13, bitmap=bitarray("1111111100010"),
                 boot=md.boot_id())
     md.save_meta(p, m)
     got = md.load_meta(p)
@@ -21,8 +22,6 @@ def test_meta_round_trip_and_atomic_replace(tmp_path):
 
 
 def test_bitmap_is_stored_compressed_and_version_1_still_reads(tmp_path):
-    from bitarray import bitarray
-
     bits = bitarray(1 << 28)  # a 1 TiB disk at 4 KiB blocks
     bits.setall(0)
     bits[1000:5000] = 1
@@ -31,14 +30,14 @@ def test_bitmap_is_stored_compressed_and_version_1_still_reads(tmp_path):
     data = md.encode_meta(m)
     assert len(data) < 64 << 10  # not 32 MiB
     got = md.decode_meta(data)
-    assert got.bitmap == bits.tobytes() and got.nbits == len(bits)
+    assert got.bitmap == bits and got.nbits == len(bits)
     # A version-1 file (raw bitmap bytes) from an earlier repdisk.
     js = b'{"boot": "", "clean": true, "disk": "d", "epoch": 2, "gen": 7, "nbits": 12, "node": "n", "peer_gen": 0}'
     raw = b"\xf0\x30"
     import zlib
     v1 = md.META_HEADER.pack(md.META_MAGIC, 1, zlib.crc32(raw, zlib.crc32(js)), len(js), len(raw)) + js + raw
     old = md.decode_meta(v1)
-    assert old.bitmap == raw and old.nbits == 12 and old.epoch == 2
+    assert old.bitmap.tobytes() == raw and old.nbits == 12 and old.epoch == 2
     # A bitmap that is not a valid encoding (checksum recomputed) is refused, not guessed at.
     bad = b"\x7f\x7f\x7f"
     v2 = md.META_HEADER.pack(md.META_MAGIC, 2, zlib.crc32(bad, zlib.crc32(js)), len(js), len(bad)) + js + bad
@@ -49,7 +48,7 @@ def test_bitmap_is_stored_compressed_and_version_1_still_reads(tmp_path):
 @pytest.mark.parametrize("damage", ["missing", "empty", "magic", "flip", "truncate", "version"])
 def test_untrustworthy_meta_is_a_clear_error(tmp_path, damage):
     p = tmp_path / "x.meta"
-    data = bytearray(md.encode_meta(md.Meta(node="n", disk="d", gen=7, nbits=16, bitmap=b"\0\0")))
+    data = bytearray(md.encode_meta(md.Meta(node="n", disk="d", gen=7, nbits=16, bitmap=bitarray(16))))
     if damage == "empty":
         data = bytearray()
     elif damage == "magic":

@@ -58,9 +58,6 @@ class Bitmap:
             yield a, b
             pos = b
 
-    def to_bytes(self) -> bytes:
-        return self.bits.tobytes()
-
     @classmethod
     def from_bytes(cls, data: bytes, nbits: int) -> "Bitmap":
         bm = cls(0)

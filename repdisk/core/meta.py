@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from bitarray import bitarray
 from bitarray.util import sc_decode, sc_encode
 
+from .bitmap import Bitmap
+
 # ---- the metadata file ------------------------------------------------------------------------
 META_MAGIC = b"RDMETA\r\n"  # \r\n catches text-mode mangling
 META_VERSION = 2
@@ -64,8 +66,7 @@ class Meta:
     clean: bool = False  # True only when written by a clean stop
     nbits: int = 0  # bits in `bitmap`
     boot: str = ""  # the kernel's boot id when the node last started: tells a host crash from a process crash
-    # primary: blocks not on the secondary, as bytes (bitarray.tobytes) or a bitarray of nbits
-    bitmap: bytes | bitarray | None = field(default=None, repr=False)
+    bitmap: bitarray | None = field(default=None, repr=False)  # primary: blocks not on the secondary (nbits)
 
 
 def boot_id() -> str:
@@ -89,14 +90,7 @@ def encode_meta(m: Meta) -> bytes:
     doc = {"node": m.node, "disk": m.disk, "gen": m.gen, "peer_gen": m.peer_gen, "epoch": m.epoch,
            "clean": m.clean, "nbits": m.nbits if m.bitmap is not None else 0, "boot": m.boot}
     js = json.dumps(doc, sort_keys=True).encode()
-    bm = b""
-    if m.bitmap is not None:
-        bits = m.bitmap
-        if not isinstance(bits, bitarray):
-            bits = bitarray()
-            bits.frombytes(m.bitmap)
-            del bits[m.nbits :]
-        bm = sc_encode(bits)
+    bm = b"" if m.bitmap is None else sc_encode(m.bitmap)
     crc = zlib.crc32(bm, zlib.crc32(js))
     return META_HEADER.pack(META_MAGIC, META_VERSION, crc, len(js), len(bm)) + js + bm
 
@@ -116,21 +110,20 @@ def decode_meta(data: bytes) -> Meta:
     bm = data[META_HEADER.size + jlen :]
     if zlib.crc32(bm, zlib.crc32(js)) != crc:
         raise MetaError("checksum mismatch")
-    if blen and version >= 2:
-        try:
-            bits = sc_decode(bm)
-        except (ValueError, TypeError) as e:
-            raise MetaError(f"bad bitmap encoding: {e}") from None
-        bm = bits.tobytes()
     try:
         doc = json.loads(js)
         m = Meta(node=str(doc["node"]), disk=doc["disk"], gen=int(doc["gen"]), peer_gen=int(doc["peer_gen"]),
                  epoch=int(doc["epoch"]), clean=bool(doc["clean"]), nbits=int(doc["nbits"]),
-                 bitmap=bm if blen else None, boot=str(doc.get("boot", "")))
+                 boot=str(doc.get("boot", "")))
     except (ValueError, KeyError, TypeError) as e:
         raise MetaError(f"bad content: {e}") from None
-    if m.bitmap is not None and len(m.bitmap) != (m.nbits + 7) // 8:
-        raise MetaError(f"bitmap of {len(m.bitmap)} bytes for {m.nbits} bits")
+    if blen:
+        try:
+            m.bitmap = sc_decode(bm) if version >= 2 else Bitmap.from_bytes(bm, m.nbits).bits
+        except (ValueError, TypeError) as e:
+            raise MetaError(f"bad bitmap: {e}") from None
+        if len(m.bitmap) != m.nbits:
+            raise MetaError(f"bitmap of {len(m.bitmap)} bits, {m.nbits} expected")
     return m
 
 

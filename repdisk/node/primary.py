@@ -146,7 +146,7 @@ class PrimaryNode:
             dirty.set_all()
         else:
             if m.bitmap is not None and m.nbits == nblocks:
-                dirty.bits = Bitmap.from_bytes(m.bitmap, nblocks).bits
+                dirty.bits = m.bitmap
             else:
                 log.warning("%s: no dirty bitmap for %d blocks: full sync", self.meta_path, nblocks)
                 dirty.set_all()
