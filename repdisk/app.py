@@ -12,6 +12,10 @@ from .edge.fuse import DiskFS, mount_options, prepare_mountpoint
 
 log = logging.getLogger(__name__)
 
+# pyfuse3 worker tasks: a few waiting for requests, more while handlers wait
+# (sync replication, fsync).  tools/benchlib/passthrough.py uses the same.
+FUSE_MIN_TASKS, FUSE_MAX_TASKS = 4, 64
+
 
 async def serve_node(node, mountpoint: str, fsname: str, services=(), on_ready=None, shutdown=None) -> None:
     """Mount `node` at `mountpoint` and run until SIGINT/SIGTERM or an external
@@ -33,7 +37,7 @@ async def serve_node(node, mountpoint: str, fsname: str, services=(), on_ready=N
                 on_ready()
             # main() returns after pyfuse3.terminate() (a signal) or when the
             # file system was unmounted from outside.
-            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            await pyfuse3.main(min_tasks=FUSE_MIN_TASKS, max_tasks=FUSE_MAX_TASKS)
             unmounted = not stop.requested
             if unmounted:
                 log.warning("%s was unmounted from outside; stopping", mountpoint)

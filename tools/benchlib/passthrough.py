@@ -18,6 +18,11 @@ import sys
 import pyfuse3
 import trio
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from repdisk.app import FUSE_MAX_TASKS, FUSE_MIN_TASKS  # noqa: E402
+from repdisk.edge.fuse import mount_options  # noqa: E402
+
 DISK = pyfuse3.ROOT_INODE + 1
 
 
@@ -72,9 +77,7 @@ class Passthrough(pyfuse3.Operations):
 
 
 async def main(fs, mountpoint):
-    opts = set(pyfuse3.default_options) | {"fsname=pyfuse3-floor", "allow_other"}
-    opts.discard("default_permissions")
-    pyfuse3.init(fs, mountpoint, opts)
+    pyfuse3.init(fs, mountpoint, mount_options("pyfuse3-floor"))
     try:
         async with trio.open_nursery() as nursery:
             async def stop_on_signal():
@@ -84,7 +87,7 @@ async def main(fs, mountpoint):
                         return
 
             nursery.start_soon(stop_on_signal)
-            await pyfuse3.main(min_tasks=4, max_tasks=64)  # as repdisk's app.serve_node
+            await pyfuse3.main(min_tasks=FUSE_MIN_TASKS, max_tasks=FUSE_MAX_TASKS)
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
