@@ -78,59 +78,43 @@ def summarize_all(res: dict) -> dict:
 
     ck = res.get("checkpoint", {})
     systems = ck.get("systems", {})
-    for amount in ck.get("amounts", []):
+    fo_amount = ck.get("failover_amount", 0)
+
+    def per_system(item, unit, values, extra=None):
+        """One row per checkpoint system, summarizing values(system's results),
+        with the ratio to QEMU's row (QEMU comes first)."""
         base = None
         for sysname in ["qemu", "rd-sync", "rd-async"]:
             if sysname not in systems:
                 continue
-            rounds = systems[sysname]["rounds"].get(str(amount), [])
-            summ = summarize([1000 * r["total_s"] for r in rounds])
+            sres = systems[sysname]
+            summ = summarize(values(sres))
             if sysname == "qemu":
                 base = summ
             ratios = {"xQEMU": _ratio(summ, base)} if sysname != "qemu" else {}
-            add("checkpoint", f"checkpoint after {amount // MiB} MiB (pri+sec)",
-                CKPT_LABEL[sysname], "ms", summ, systems[sysname]["errors"], ratios, lower=True,
-                extra={"key": sysname, "amount": amount,
-                       "primary_ms": (summarize([1000 * r["primary_s"] for r in rounds]) or {}).get("median"),
-                       "secondary_ms": (summarize([1000 * r["secondary_s"] for r in rounds]) or {}).get("median")})
+            add("checkpoint", item, CKPT_LABEL[sysname], unit, summ, sres["errors"], ratios, lower=True,
+                extra={"key": sysname, **(extra(sres) if extra else {})})
+
+    def rounds(amount):
+        return lambda sres: sres["rounds"].get(str(amount), [])
+
     for amount in ck.get("amounts", []):
-        base = None
-        for sysname in ["qemu", "rd-sync", "rd-async"]:
-            if sysname not in systems:
-                continue
-            rounds = systems[sysname]["rounds"].get(str(amount), [])
-            summ = summarize([r["hidden_per_byte"] for r in rounds])
-            if sysname == "qemu":
-                base = summ
-            ratios = {"xQEMU": _ratio(summ, base)} if sysname != "qemu" else {}
-            add("checkpoint", f"hidden bytes / primary byte after {amount // MiB} MiB",
-                CKPT_LABEL[sysname], "x", summ, systems[sysname]["errors"], ratios, lower=True,
-                extra={"key": sysname, "amount": amount})
-    base = None
-    for sysname in ["qemu", "rd-sync", "rd-async"]:
-        if sysname not in systems:
-            continue
-        fos = systems[sysname]["failover"]
-        summ = summarize([1000 * f["seconds"] for f in fos])
-        if sysname == "qemu":
-            base = summ
-        ratios = {"xQEMU": _ratio(summ, base)} if sysname != "qemu" else {}
-        amount = ck.get("failover_amount", 0)
-        add("checkpoint", f"failover commit after {amount // MiB} MiB", CKPT_LABEL[sysname],
-            "ms", summ, systems[sysname]["errors"], ratios, lower=True,
-            extra={"key": sysname, "amount": amount})
-    base = None
-    for sysname in ["qemu", "rd-sync", "rd-async"]:
-        if sysname not in systems:
-            continue
-        fos = systems[sysname]["failover"]
-        summ = summarize([1000 * f["command_s"] for f in fos if f.get("command_s") is not None])
-        if sysname == "qemu":
-            base = summ
-        ratios = {"xQEMU": _ratio(summ, base)} if sysname != "qemu" else {}
-        add("checkpoint", "  ... until the failover command returns", CKPT_LABEL[sysname],
-            "ms", summ, systems[sysname]["errors"], ratios, lower=True,
-            extra={"key": sysname, "amount": ck.get("failover_amount", 0)})
+        per_system(f"checkpoint after {amount // MiB} MiB (pri+sec)", "ms",
+                   lambda sres, r=rounds(amount): [1000 * x["total_s"] for x in r(sres)],
+                   lambda sres, r=rounds(amount), amount=amount: {
+                       "amount": amount,
+                       "primary_ms": (summarize([1000 * x["primary_s"] for x in r(sres)]) or {}).get("median"),
+                       "secondary_ms": (summarize([1000 * x["secondary_s"] for x in r(sres)]) or {}).get("median")})
+    for amount in ck.get("amounts", []):
+        per_system(f"hidden bytes / primary byte after {amount // MiB} MiB", "x",
+                   lambda sres, r=rounds(amount): [x["hidden_per_byte"] for x in r(sres)],
+                   lambda sres, amount=amount: {"amount": amount})
+    per_system(f"failover commit after {fo_amount // MiB} MiB", "ms",
+               lambda sres: [1000 * f["seconds"] for f in sres["failover"]],
+               lambda sres: {"amount": fo_amount})
+    per_system("  ... until the failover command returns", "ms",
+               lambda sres: [1000 * f["command_s"] for f in sres["failover"] if f.get("command_s") is not None],
+               lambda sres: {"amount": fo_amount})
 
     sy = res.get("sync", {})
     if sy.get("runs"):
