@@ -33,6 +33,7 @@ def run_secondary(args) -> int:
         on_connect=node.on_connect,
         on_disconnect=node.on_disconnect,
         check_export=node.check_export,
+        lock=node.io_lock,
     )
     node.server = server
 

@@ -7,6 +7,9 @@ import os
 import random
 import socket
 import struct
+import threading
+import time
+
 import pytest
 import trio
 
@@ -348,30 +351,49 @@ def test_large_write(nbd_server):
     assert nbd_server.backing(5) == data[5:]
 
 
-def test_requests_are_applied_atomically_between_awaits():
-    """Another task of the server's event loop never sees half a request: a
-    watcher checks the whole disk at every chance it gets to run while 1 MiB
-    writes of one byte value each arrive in many TCP segments."""
-    dev = MemDevice(1 << 20)
+class SlowHalvesDevice(MemDevice):
+    """Writes its first half, yields the CPU, then the second half: a watcher
+    that does not hold the server's lock can see a write half applied."""
+
+    def pwrite(self, buf, offset: int) -> None:
+        self._check(offset, len(buf))
+        half = len(buf) // 2
+        self.data[offset : offset + half] = buf[:half]
+        time.sleep(0.0005)
+        self.data[offset + half : offset + len(buf)] = buf[half:]
+
+
+@pytest.mark.parametrize("hold_lock", [True, False])
+def test_requests_are_applied_atomically_under_the_lock(hold_lock):
+    """Whoever holds the server's lock never sees half a request: a watcher in
+    the event loop checks the disk at every chance it gets while 1 MiB writes
+    of one byte value each arrive in many TCP segments.  Without the lock the
+    same watcher does see torn writes (the check can fail)."""
+    dev = SlowHalvesDevice(1 << 20)
+    lock = threading.Lock()
     seen, torn = set(), []
 
     async def main():
-        server = NbdServer(dev, export_name=EXPORT)
+        server = NbdServer(dev, export_name=EXPORT, lock=lock)
         async with trio.open_nursery() as nursery:
             address = await nursery.start(server.serve, "127.0.0.1:0")
 
-            async def watch():
-                # Payloads are applied front to back: a request applied in
-                # parts shows a first byte that differs from the middle or the
-                # last one.  Three bytes, not a 1 MiB count, per look: a costly
-                # watcher starved the server and made the test take minutes on
-                # a loaded machine.
+            def look():
+                # Three bytes, not a 1 MiB compare, per look: a costly watcher
+                # would starve the server on a loaded machine.
                 data, mid = dev.data, len(dev.data) // 2
+                first = data[0]
+                if data[mid] != first or data[-1] != first:
+                    torn.append(first)
+                seen.add(first)
+
+            async def watch():
                 while True:
-                    first = data[0]
-                    if data[mid] != first or data[-1] != first:
-                        torn.append(first)
-                    seen.add(first)
+                    if hold_lock:
+                        with lock:
+                            look()
+                    else:
+                        look()
                     await trio.lowlevel.checkpoint()
 
             def client():
@@ -387,8 +409,11 @@ def test_requests_are_applied_atomically_between_awaits():
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-    assert not torn
     assert len(seen) > 2  # the watcher did run between requests
+    if hold_lock:
+        assert not torn
+    else:
+        assert torn
 
 
 # ---- device errors ---------------------------------------------------------------
@@ -415,7 +440,7 @@ def test_device_errors_are_mapped_and_logged(caplog):
             assert c.read(0, 3) == (0, b"abc")
 
 
-def test_flush_and_fua_flush_in_a_thread():
+def test_flush_and_fua_flush_outside_the_event_loop():
     dev = MemDevice(1 << 20)
     with serving(dev) as (thread, events):
         with RawClient(thread.address) as c:

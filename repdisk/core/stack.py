@@ -4,9 +4,11 @@
                                      writes: the active overlay only
     primary writes (over NBD)        copy-before-write into hidden, then the replica
 
-Every method is synchronous and runs start to end without yielding: called from
-one event loop thread, each is atomic with respect to the others (that is what
-makes copy-before-write safe against concurrent view I/O).  The only long
+Every method is synchronous and runs start to end without yielding; the stack
+takes no lock itself: its user calls it holding one lock (the secondary node's
+io_lock, shared with the NBD server's thread), so each call is atomic with
+respect to the others (that is what makes copy-before-write safe against
+concurrent view I/O).  The only long
 operation, the failover commit, is split into chunks the caller runs one at a
 time (see `commit_chunks`), with writes to the chunk's range held off.
 """

@@ -1,13 +1,16 @@
 """The secondary node: the NBD server takes the primary's writes into the
 replica with copy-before-write; the FUSE view shows active -> hidden -> replica.
 
-Everything runs in one trio thread.  Stack calls are synchronous and never
-yield, so each NBD request, view read and view write is atomic with respect to
-the others and to checkpoint.  The failover commit copies chunks in a thread;
-view writes wait while the chunk they touch is being copied (`_commit_range`).
+The node runs in trio; the NBD server's transmission runs in a thread of its
+own (see nbdserver).  Stack calls are synchronous and never yield, and every
+one of them, from either thread, holds `io_lock`: each NBD request, view read
+and view write is atomic with respect to the others and to checkpoint.  The
+failover commit (after the NBD client is gone) copies chunks in a thread; view
+writes wait while the chunk they touch is being copied (`_commit_range`).
 """
 
 import logging
+import threading
 
 import trio
 
@@ -38,6 +41,8 @@ class SecondaryNode:
         self._commit_moved = trio.Event()
         self._invalidate = invalidate  # async callable: drop the kernel's cached view
         self._lock = trio.Lock()  # one command at a time
+        # Held around every stack call: the NBD server's thread takes it too.
+        self.io_lock = threading.Lock()
 
     @property
     def size(self) -> int:
@@ -131,12 +136,14 @@ class SecondaryNode:
 
     # ---- the view (FUSE disk.img) -------------------------------------------
     async def disk_read(self, offset: int, length: int) -> bytes:
-        return self.stack.view_read(offset, length)
+        with self.io_lock:
+            return self.stack.view_read(offset, length)
 
     async def disk_write(self, offset: int, buf) -> None:
         while self._commit_range is not None and self._overlaps_commit(offset, len(buf)):
             await self._commit_moved.wait()
-        self.stack.view_write(buf, offset)
+        with self.io_lock:
+            self.stack.view_write(buf, offset)
 
     def _overlaps_commit(self, offset: int, length: int) -> bool:
         a, b = self._commit_range
@@ -183,7 +190,8 @@ class SecondaryNode:
 
     async def checkpoint(self) -> None:
         self._event("checkpoint")
-        self.stack.checkpoint()  # atomic: no await between the drop and the epoch
+        with self.io_lock:
+            self.stack.checkpoint()  # atomic: no await between the drop and the epoch
         self.epoch += 1
         self.meta.epoch = self.epoch
         self.error = None
@@ -209,7 +217,8 @@ class SecondaryNode:
         finally:
             self._commit_range = None
             self._commit_moved.set()
-        self.stack.finish_commit()
+        with self.io_lock:
+            self.stack.finish_commit()
         # From now on this disk takes writes the primary does not get.
         self.meta.gen = md.new_gen()
         await trio.to_thread.run_sync(self._save)
@@ -225,7 +234,8 @@ class SecondaryNode:
             self._commit_range = (start, start + n)
             done = layer.map.count(first, end) << geo.shift
             await trio.to_thread.run_sync(stack.commit_copy, layer, first, end)
-            stack.commit_done(layer, first, end)
+            with self.io_lock:
+                stack.commit_done(layer, first, end)
             self._commit_range = None
             self._commit_moved.set()
             self._commit_moved = trio.Event()
