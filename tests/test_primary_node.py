@@ -52,12 +52,16 @@ class FakeLink:
         task_status.started()
         await self._closed.wait()
 
-    async def write(self, buf, offset, wait=True):
+    async def write(self, buf, offset, wait=True, then=None):
         self.sec.data[offset : offset + len(buf)] = buf
+        if then is not None:  # as the real link: right after the send
+            then()
         await trio.lowlevel.checkpoint()
 
-    async def zero(self, offset, length, wait=True):
+    async def zero(self, offset, length, wait=True, then=None):
         self.sec.data[offset : offset + length] = bytes(length)
+        if then is not None:
+            then()
         await trio.lowlevel.checkpoint()
 
     async def read(self, offset, length):

@@ -434,6 +434,40 @@ def test_zero_trim_and_large_ranges(servers):
     run(main)
 
 
+def test_then_runs_once_everything_is_sent_and_before_the_reply(servers):
+    """`then` (the primary's local write) runs after every request of the
+    call went to libnbd and before any reply (the server holds writes 50 ms);
+    its exception propagates; a refused call does not run it."""
+    server = servers(nbdkit(3 * CHUNK, "delay-write=50ms", filters=["delay"]))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            seen = []
+
+            def then():
+                st = link.statistics()
+                seen.append((st["write"]["submitted"], st["write"]["completed"], st["zero"]["submitted"]))
+
+            await link.write(b"a" * 4096, 0, then=then)
+            await link.write(b"b" * (CHUNK + 4096), 4096, then=then)  # two requests
+            await link.zero(0, 4096, then=then)
+            assert seen == [(1, 0, 0), (3, 1, 0), (3, 3, 1)]
+
+            def boom():
+                raise RuntimeError("local write failed")
+
+            with pytest.raises(RuntimeError):
+                await link.write(b"c" * 4096, 8192, then=boom)
+            await link.settle()
+            assert await link.read(8192, 4096) == b"c" * 4096  # the request itself went through
+            with pytest.raises(ReplicaError):
+                await link.write(b"x", 3 * CHUNK, then=boom)  # out of range: refused before sending
+            await link.close()
+
+    run(main)
+
+
 def test_out_of_range_is_refused_without_failing_the_link(servers):
     server = servers(nbdkit(MiB))
 

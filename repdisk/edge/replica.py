@@ -417,9 +417,13 @@ class ReplicaLink:
     # The hot path (a write of at most one chunk with capacity to spare) is
     # synchronous from admission to aio_pwrite: no await, no coroutine layer.
 
-    async def write(self, buf, offset: int, *, fua: bool = False, wait: bool = True) -> None:
+    async def write(self, buf, offset: int, *, fua: bool = False, wait: bool = True, then=None) -> None:
         """buf: bytes or any buffer the caller does not modify until the reply;
-        libnbd sends from it directly (no copy)."""
+        libnbd sends from it directly (no copy).  `then`: a plain callable run
+        once every piece of the write has been handed to libnbd, with no await
+        in between, before waiting for the reply (the primary writes its own
+        disk there, while the secondary works); not run if the write is refused
+        or fails before that, and its exception propagates."""
         if type(buf) is bytes:
             length = len(buf)
         else:
@@ -430,9 +434,11 @@ class ReplicaLink:
         if self._refuse or offset < 0 or offset + length > self.size or not length:
             self._check(_WRITE, offset, length)
             if not length:
+                if then is not None:
+                    then()
                 return
         if fua or length > self._chunk:
-            return await self._write_chunks(memoryview(buf), offset, length, fua, wait)
+            return await self._write_chunks(memoryview(buf), offset, length, fua, wait, then)
         req = _Req(self, _WRITE, self._wctr, offset, length, buf, length)
         if self._admit_q or self._nreq >= self.max_requests or (self._nbytes + length > self.max_bytes and self._nreq):
             await self._admit_slow(req, offset + length)
@@ -440,10 +446,12 @@ class ReplicaLink:
             self._nreq += 1
             self._nbytes += length
         self._start(req)
+        if then is not None:
+            then()
         if wait:
             await self._wait_req(req)
 
-    async def _write_chunks(self, mv, offset, length, fua, wait) -> None:
+    async def _write_chunks(self, mv, offset, length, fua, wait, then) -> None:
         flags = 0
         then_flush = False
         if fua:
@@ -460,24 +468,28 @@ class ReplicaLink:
             req.then_flush = then_flush
             await self._issue(req, end)
             reqs.append(req)
+        if then is not None:
+            then()
         if wait:
             for req in reqs:
                 await self._wait_req(req)
 
-    async def zero(self, offset: int, length: int, *, wait: bool = True) -> None:
-        """NBD WRITE_ZEROES, holes allowed (no NO_HOLE flag)."""
+    async def zero(self, offset: int, length: int, *, wait: bool = True, then=None) -> None:
+        """NBD WRITE_ZEROES, holes allowed (no NO_HOLE flag).  `then` as in write()."""
         self._check(_ZERO, offset, length)
         if length:
-            await self._zero_or_trim(_ZERO if self._can_zero else None, offset, length, wait)
+            await self._zero_or_trim(_ZERO if self._can_zero else None, offset, length, wait, then)
+        elif then is not None:
+            then()
 
     async def trim(self, offset: int, length: int, *, wait: bool = True) -> None:
         """NBD TRIM; a server that cannot trim gets WRITE_ZEROES instead."""
         self._check(_TRIM, offset, length)
         if length:
             op = _TRIM if self._can_trim else _ZERO if self._can_zero else None
-            await self._zero_or_trim(op, offset, length, wait)
+            await self._zero_or_trim(op, offset, length, wait, None)
 
-    async def _zero_or_trim(self, op, offset, length, wait) -> None:
+    async def _zero_or_trim(self, op, offset, length, wait, then) -> None:
         end = offset + length
         reqs = []
         if op is None:  # the server cannot write zeroes: send zeros
@@ -494,6 +506,8 @@ class ReplicaLink:
                 req = _Req(self, op, ctr, offset + pos, min(ZERO_CHUNK, length - pos), None, 0)
                 await self._issue(req, end)
                 reqs.append(req)
+        if then is not None:
+            then()
         if wait:
             for req in reqs:
                 await self._wait_req(req)

@@ -540,25 +540,47 @@ class PrimaryNode:
         w = self._verify_window
         if w is not None and offset < w[1] and w[0] < offset + len(buf):
             self._verify_touched = True
-        self.image.pwrite(buf, offset)
         b0, b1 = geo.blocks(offset, len(buf))
         link = self.link
         if link is None or link.failed is not None or not self._forwardable(offset, len(buf), b0, b1):
+            self.image.pwrite(buf, offset)
             self.dirty.set(b0, b1)
             self.writes_marked += 1
             return
         self.writes_forwarded += 1
+        # The request goes out first and the local write runs while the
+        # secondary works (`then`: right after the send, no await in between,
+        # so local writes keep the order of the sends).
+        local: list = []  # [None] once written, [error] if the local write failed
+
+        def write_local():
+            try:
+                self.image.pwrite(buf, offset)
+            except RepdiskError as e:
+                local.append(e)
+            else:
+                local.append(None)
+
         wait = self.mode == "sync"
         try:
             if is_zero(buf):
-                await link.zero(offset, len(buf), wait=wait)
+                await link.zero(offset, len(buf), wait=wait, then=write_local)
             else:
-                await link.write(buf, offset, wait=wait)
+                await link.write(buf, offset, wait=wait, then=write_local)
         except RepdiskError as e:
             # The VM's write is done locally; the range is marked dirty by the
             # link's failure callback.  Replication is degraded, not the VM.
+            if not local:
+                write_local()
             self.dirty.set(b0, b1)
             self._link_failed(e)
+        if local[0] is not None:
+            # The replica may have taken what the local disk could not: the
+            # range differs until a resync sends it again.
+            self.dirty.set(b0, b1)
+            log.error("local write of %d bytes at %d failed after it was replicated; range marked for resync: %s",
+                      len(buf), offset, local[0])
+            raise local[0]
 
     def _forwardable(self, offset: int, length: int, b0: int, b1: int) -> bool:
         if self.state == st.P_REPLICATING:
