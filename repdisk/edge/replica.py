@@ -468,6 +468,10 @@ class ReplicaLink:
             req.then_flush = then_flush
             await self._issue(req, end)
             reqs.append(req)
+        await self._issued(reqs, wait, then)
+
+    async def _issued(self, reqs, wait, then) -> None:
+        """Every request of a call is with libnbd: run `then`, then wait if asked."""
         if then is not None:
             then()
         if wait:
@@ -506,11 +510,7 @@ class ReplicaLink:
                 req = _Req(self, op, ctr, offset + pos, min(ZERO_CHUNK, length - pos), None, 0)
                 await self._issue(req, end)
                 reqs.append(req)
-        if then is not None:
-            then()
-        if wait:
-            for req in reqs:
-                await self._wait_req(req)
+        await self._issued(reqs, wait, then)
 
     async def flush(self) -> None:
         """Wait for every request submitted before, then NBD FLUSH and its reply."""
