@@ -160,6 +160,32 @@ def test_writes_while_degraded_survive_a_crash_past_the_log(tmp_path):
     assert node2.dirty.count() << node2.geometry.shift <= 20 * EXTENT
 
 
+def test_write_refused_by_the_link_is_still_written_locally(tmp_path):
+    """The primary sends first and writes its own disk in the link's `then`;
+    a link that fails before sending never runs it: the write must still land
+    locally, its range marked dirty, and replication degrade."""
+    from repdisk.edge.replica import ReplicaError
+
+    sec = FakeSecondary(SIZE)
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        link = sec.links[-1]
+
+        async def refuse(*args, **kw):
+            raise ReplicaError("connection lost before the send", 104)
+
+        link.write = refuse
+        await node.disk_write(3 * 4096 + 10, b"z" * 5000)
+        assert node.image.pread(3 * 4096 + 10, 5000) == b"z" * 5000
+        assert node.dirty.any(*node.geometry.blocks(3 * 4096 + 10, 5000))
+        await wait_state(node, st.P_DEGRADED)
+
+    node = make_node(tmp_path, sec)
+    node._link_factory = _first_only(sec, sec.link)
+    trio.run(run_node, node, body, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def _first_only(sec, real):
     """A secondary that answers once, then never again (connection refused)."""
     from repdisk.edge.replica import ReplicaError

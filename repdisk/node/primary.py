@@ -568,12 +568,12 @@ class PrimaryNode:
             else:
                 await link.write(buf, offset, wait=wait, then=write_local)
         except RepdiskError as e:
-            # The VM's write is done locally; the range is marked dirty by the
-            # link's failure callback.  Replication is degraded, not the VM.
-            if not local:
-                write_local()
+            # The VM's write is done locally (below if not yet); the range is
+            # marked dirty.  Replication is degraded, not the VM.
             self.dirty.set(b0, b1)
             self._link_failed(e)
+        if not local:  # refused or failed before anything was sent
+            write_local()
         if local[0] is not None:
             # The replica may have taken what the local disk could not: the
             # range differs until a resync sends it again.
