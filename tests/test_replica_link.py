@@ -434,6 +434,37 @@ def test_zero_trim_and_large_ranges(servers):
     run(main)
 
 
+def test_writers_admitted_together_are_sent_in_arrival_order(servers):
+    """Writers that queued for capacity and are admitted in one go must go on
+    the wire in the order they came, whatever order trio then runs their tasks
+    in (it shuffles): the last overlapping write wins, every round, and their
+    `then` callables (the primary's local writes) run in that order too."""
+    server = servers(nbdkit(MiB, "delay-write=20ms", filters=["delay"]))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri, max_requests=2)
+            for rnd in range(24):
+                # Two writes elsewhere fill the capacity; their replies come together.
+                await link.write(b"x" * 4096, 65536, wait=False)
+                await link.write(b"y" * 4096, 131072, wait=False)
+                order, thens = [], []
+
+                async def writer(value):
+                    order.append(value)
+                    await link.write(bytes([value]) * 4096, 0, then=lambda: thens.append(value))
+
+                async with trio.open_nursery() as writers:
+                    for value in (1, 2):
+                        writers.start_soon(writer, value)
+                        await trio.testing.wait_all_tasks_blocked()
+                assert order == [1, 2] and thens == [1, 2], (order, thens)
+                assert await link.read(0, 4096) == bytes([2]) * 4096, f"round {rnd}"
+            await link.close()
+
+    run(main)
+
+
 def test_then_runs_once_everything_is_sent_and_before_the_reply(servers):
     """`then` (the primary's local write) runs after every request of the
     call went to libnbd and before any reply (the server holds writes 50 ms);

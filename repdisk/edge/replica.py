@@ -118,7 +118,7 @@ class _Req:
 
     __slots__ = (
         "link", "op", "ctr", "offset", "length", "buf", "nbytes", "flags", "then_flush",
-        "seq", "first", "last", "pending", "dependents", "task", "done", "error",
+        "seq", "first", "last", "pending", "dependents", "task", "done", "error", "then", "then_error",
     )
 
     def __init__(self, link, op, ctr, offset, length, buf, nbytes, flags=0):
@@ -138,6 +138,8 @@ class _Req:
         self.task = None  # a task parked in wait=True
         self.done = False
         self.error = None
+        self.then = None  # the caller's `then`, run when this (last) piece is started
+        self.then_error = None  # what it raised, for the caller
 
     def reply(self, err) -> int:
         # Completion callback, called from inside libnbd: record and return.
@@ -420,10 +422,11 @@ class ReplicaLink:
     async def write(self, buf, offset: int, *, fua: bool = False, wait: bool = True, then=None) -> None:
         """buf: bytes or any buffer the caller does not modify until the reply;
         libnbd sends from it directly (no copy).  `then`: a plain callable run
-        once every piece of the write has been handed to libnbd, with no await
-        in between, before waiting for the reply (the primary writes its own
-        disk there, while the secondary works); not run if the write is refused
-        or fails before that, and its exception propagates."""
+        when the write's last piece is started (handed to libnbd, or queued
+        behind an overlapping earlier request), in the order requests are
+        started, before waiting for the reply (the primary writes its own disk
+        there, while the secondary works); not run if the write is refused or
+        fails before that; its exception propagates to the caller."""
         if type(buf) is bytes:
             length = len(buf)
         else:
@@ -440,14 +443,15 @@ class ReplicaLink:
         if fua or length > self._chunk:
             return await self._write_chunks(memoryview(buf), offset, length, fua, wait, then)
         req = _Req(self, _WRITE, self._wctr, offset, length, buf, length)
+        req.then = then
         if self._admit_q or self._nreq >= self.max_requests or (self._nbytes + length > self.max_bytes and self._nreq):
-            await self._admit_slow(req, offset + length)
+            await self._admit_slow(req, offset + length)  # started by _pump, in arrival order
         else:
             self._nreq += 1
             self._nbytes += length
-        self._start(req)
-        if then is not None:
-            then()
+            self._start(req)
+        if req.then_error is not None:
+            raise req.then_error
         if wait:
             await self._wait_req(req)
 
@@ -466,14 +470,17 @@ class ReplicaLink:
             n = min(chunk, length - pos)
             req = _Req(self, _WRITE, self._wctr, offset + pos, n, mv[pos : pos + n], n, flags)
             req.then_flush = then_flush
+            if pos + n == length:
+                req.then = then
             await self._issue(req, end)
             reqs.append(req)
-        await self._issued(reqs, wait, then)
+        await self._issued(reqs, wait)
 
-    async def _issued(self, reqs, wait, then) -> None:
-        """Every request of a call is with libnbd: run `then`, then wait if asked."""
-        if then is not None:
-            then()
+    async def _issued(self, reqs, wait) -> None:
+        """Every request of a call is started (the last one ran `then`): raise
+        what `then` raised, then wait if asked."""
+        if reqs[-1].then_error is not None:
+            raise reqs[-1].then_error
         if wait:
             for req in reqs:
                 await self._wait_req(req)
@@ -502,15 +509,19 @@ class ReplicaLink:
             for pos in range(0, length, self._chunk):
                 n = min(self._chunk, length - pos)
                 req = _Req(self, _WRITE, self._wctr, offset + pos, n, self._zero_buf[:n], n)
+                if pos + n == length:
+                    req.then = then
                 await self._issue(req, end)
                 reqs.append(req)
         else:
             ctr = self._ctr[op]
             for pos in range(0, length, ZERO_CHUNK):
                 req = _Req(self, op, ctr, offset + pos, min(ZERO_CHUNK, length - pos), None, 0)
+                if pos + ZERO_CHUNK >= length:
+                    req.then = then
                 await self._issue(req, end)
                 reqs.append(req)
-        await self._issued(reqs, wait, then)
+        await self._issued(reqs, wait)
 
     async def flush(self) -> None:
         """Wait for every request submitted before, then NBD FLUSH and its reply."""
@@ -628,16 +639,19 @@ class ReplicaLink:
         if self._admit_q or self._nreq >= self.max_requests or (
             self._nbytes + req.nbytes > self.max_bytes and self._nreq
         ):
-            await self._admit_slow(req, report_end)
+            await self._admit_slow(req, report_end)  # started by _pump, in arrival order
         elif self._dead():
             self._admit_failed(req, report_end, self._down_error())
         else:
             self._nreq += 1
             self._nbytes += req.nbytes
-        self._start(req)
+            self._start(req)
 
     async def _admit_slow(self, req, report_end) -> None:
-        """Wait for capacity, first come first served."""
+        """Wait for capacity, first come first served.  Returns with the
+        request started: _pump starts admitted requests itself, in queue
+        order, because trio runs the tasks it wakes together in any order (and
+        overlapping requests go on the wire in the order they were started)."""
         entry = [trio.lowlevel.current_task(), req, False]
         self._admit_q.append(entry)
 
@@ -675,8 +689,16 @@ class ReplicaLink:
         self._active[seq] = req
         if req.op is not _FLUSH and self._index(req):
             self._held_back += 1
-            return
-        self._submit(req)
+        else:
+            self._submit(req)
+        if req.then is not None:
+            # The caller's `then` runs here, when the request is started (sent, or
+            # queued behind an overlapping earlier one), in start order.
+            then, req.then = req.then, None
+            try:
+                then()
+            except Exception as e:
+                req.then_error = e
         if self._replies:
             self._process_replies()
 
@@ -825,9 +847,10 @@ class ReplicaLink:
         return ReplicaError(f"{self.uri}: {what} failed: server replied {_errname(err)}", err)
 
     def _pump(self) -> None:
-        """Admit waiters from the head of the queue while capacity allows."""
+        """Admit and start waiters from the head of the queue while capacity
+        allows (see _admit_slow)."""
         q = self._admit_q
-        while q:
+        while q and not self._dead():
             entry = q[0]
             nbytes = entry[1].nbytes
             if self._nreq >= self.max_requests or (self._nbytes + nbytes > self.max_bytes and self._nreq):
@@ -837,6 +860,7 @@ class ReplicaLink:
             self._nbytes += nbytes
             entry[2] = True
             trio.lowlevel.reschedule(entry[0])
+            self._start(entry[1])
 
     async def _wait_req(self, req) -> None:
         if not req.done:
