@@ -87,7 +87,7 @@ class _Wire:
     writev.  `leftover()` hands what was received past the handshake to the
     transmission thread."""
 
-    def __init__(self, sock: trio.socket.SocketType, size: int = RECV_BUFFER):
+    def __init__(self, sock: trio.socket.SocketType, size: int):
         self.sock = sock
         self.fd = sock.fileno()
         self.buf = bytearray(size)
@@ -655,7 +655,7 @@ class _Session:
         os.set_blocking(self.tw.fd, False)
         try:
             self.tw.flush()
-        except (_PeerGone, BlockingIOError):
+        except _PeerGone:  # EAGAIN included: flush maps every OSError to it
             pass
 
     def _serve_requests(self) -> None:

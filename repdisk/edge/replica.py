@@ -425,8 +425,9 @@ class ReplicaLink:
         when the write's last piece is started (handed to libnbd, or queued
         behind an overlapping earlier request), in the order requests are
         started, before waiting for the reply (the primary writes its own disk
-        there, while the secondary works); not run if the write is refused or
-        fails before that; its exception propagates to the caller."""
+        there, while the secondary works); not run if nothing is started (an
+        empty or refused write, a failure before that); its exception
+        propagates to the caller."""
         if type(buf) is bytes:
             length = len(buf)
         else:
@@ -437,8 +438,6 @@ class ReplicaLink:
         if self._refuse or offset < 0 or offset + length > self.size or not length:
             self._check(_WRITE, offset, length)
             if not length:
-                if then is not None:
-                    then()
                 return
         if fua or length > self._chunk:
             return await self._write_chunks(memoryview(buf), offset, length, fua, wait, then)
@@ -490,8 +489,6 @@ class ReplicaLink:
         self._check(_ZERO, offset, length)
         if length:
             await self._zero_or_trim(_ZERO if self._can_zero else None, offset, length, wait, then)
-        elif then is not None:
-            then()
 
     async def trim(self, offset: int, length: int, *, wait: bool = True) -> None:
         """NBD TRIM; a server that cannot trim gets WRITE_ZEROES instead."""

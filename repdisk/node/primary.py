@@ -549,8 +549,8 @@ class PrimaryNode:
             return
         self.writes_forwarded += 1
         # The request goes out first and the local write runs while the
-        # secondary works (`then`: right after the send, no await in between,
-        # so local writes keep the order of the sends).
+        # secondary works: the link runs `then` when it starts the request, in
+        # start order, so local writes keep the order of the wire.
         local: list = []  # [None] once written, [error] if the local write failed
 
         def write_local():
