@@ -44,16 +44,22 @@ def test_start_shows_disk_and_control(sec):
     assert s["hidden_bytes"] == 0 and s["active_bytes"] == 0 and s["peer"] is None
 
 
-def test_view_keeps_checkpoint_state_until_checkpoint(sec):
+def checkpointed(sec, rng):
+    """A libnbd primary that wrote random data over the whole disk, then a
+    checkpoint: (handle, that data, the model)."""
     h = primary(sec.sock)
     sec.wait_state("replicating")
     assert sec.status()["peer"]
-    rng = random.Random(1)
     base = rng.randbytes(SIZE)
     h.pwrite(base, 0)
     h.flush()
     sec.command("checkpoint")
-    model = PairModel(SIZE, base)
+    return h, base, PairModel(SIZE, base)
+
+
+def test_view_keeps_checkpoint_state_until_checkpoint(sec):
+    rng = random.Random(1)
+    h, base, model = checkpointed(sec, rng)
     assert read_file(sec.disk) == base
     held = open(sec.disk, "rb")  # a reader with the view open across the checkpoint
     held.seek(12345)
@@ -100,14 +106,8 @@ def test_view_reads_never_see_primary_writes_in_flight(sec):
     import threading
     import time
 
-    h = primary(sec.sock)
-    sec.wait_state("replicating")
     rng = random.Random(7)
-    base = rng.randbytes(SIZE)
-    h.pwrite(base, 0)
-    h.flush()
-    sec.command("checkpoint")
-    model = PairModel(SIZE, base)
+    h, base, model = checkpointed(sec, rng)
     writes = [(rng.randrange(SIZE - 70000), rng.randbytes(rng.randrange(1, 70000))) for _ in range(4000)]
     done = threading.Event()
 
