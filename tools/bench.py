@@ -257,6 +257,7 @@ def section_sync(cfg: Config, work: str, res: dict, have_repdisk: bool):
                     with running(pair):
                         pair.prepare()
                         pair.start_secondary()
+                        _settle_writeback()
                         t0 = time.monotonic()
                         pair.start_primary(wait_replicating=False)
                         t1 = time.monotonic()
@@ -286,6 +287,7 @@ def section_sync(cfg: Config, work: str, res: dict, have_repdisk: bool):
                     with running(pair):
                         pair.prepare()
                         pair.start_secondary()
+                        _settle_writeback()
                         secs = _nbdcopy(img, pair.uri)
                     out["runs"].setdefault(key, []).append({"seconds": secs})
                     log(f"  {key}: {secs:.2f} s ({cfg.sync_size / MiB / secs:.0f} MiB/s)")
@@ -300,6 +302,7 @@ def section_sync(cfg: Config, work: str, res: dict, have_repdisk: bool):
             with running(q):
                 q.prepare()
                 q.start_secondary()
+                _settle_writeback()
                 secs = _nbdcopy(img, q.nbd_uri())
             out["runs"].setdefault(key, []).append({"seconds": secs})
             log(f"  {key}: {secs:.2f} s ({cfg.sync_size / MiB / secs:.0f} MiB/s)")
@@ -307,6 +310,14 @@ def section_sync(cfg: Config, work: str, res: dict, have_repdisk: bool):
             out["errors"].append(f"{key}: {e}")
             log(f"  {key}: error: {e}")
         remove_tree(d)
+
+
+def _settle_writeback() -> None:
+    """Each sync run writes a whole image through the page cache: flush what
+    earlier runs and sections left dirty, so that no run pays for another's
+    writeback (a full run once saw one repetition drop to a third of the
+    others' rate)."""
+    os.sync()
 
 
 def _nbdcopy(src: str, uri: str) -> float:
