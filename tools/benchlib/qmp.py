@@ -27,6 +27,11 @@ class QMP:
         self.buf = b""
         self.events: list[dict] = []
         greeting = self._read()
+        while "event" in greeting:
+            # QEMU can broadcast an event (RESUME, as the machine starts) to a
+            # client that connected early, before that client's greeting.
+            self.events.append(greeting)
+            greeting = self._read()
         if "QMP" not in greeting:
             raise QMPError(f"no QMP greeting: {greeting}")
         self.cmd("qmp_capabilities")
