@@ -8,7 +8,7 @@ import signal
 import pyfuse3
 import trio
 
-from .edge.fuse import DiskFS, mount_options, prepare_mountpoint
+from .edge.fuse import DiskFS, fuse_device_fd, mount_options, prepare_mountpoint
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ async def serve_node(node, mountpoint: str, fsname: str, services=(), on_ready=N
         for service in services:
             await nursery.start(service)
         pyfuse3.init(ops, mountpoint, mount_options(fsname))
+        if hasattr(node, "fuse_fd"):
+            node.fuse_fd = fuse_device_fd()
         stop = _Stop()
         unmounted = False
         try:

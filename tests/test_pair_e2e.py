@@ -73,6 +73,8 @@ def test_random_workload_matches_model(nodes, tmp_path, transport, mode, ending)
         assert read_file(sec.disk) == bytes(model.view), f"seed {seed} step {step}: secondary view"
     s = pri.status()
     assert s["state"] == "replicating" and s["epoch"] == epoch and s["error"] is None
+    # sync mode: lone writes were answered inline (the front end found its FUSE device)
+    assert (s["link"]["inline_replies"] > 0) == (mode == "sync"), s["link"]
     if ending == "secondary_failover":
         view = read_file(sec.disk)
         sec.command("failover")

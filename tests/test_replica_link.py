@@ -741,3 +741,86 @@ def test_close_reports_requests_still_outstanding(servers):
         assert "closed" in str(failures.errors[0])
 
     run(main)
+
+
+# -- waiting inline (sync mode) -------------------------------------------------
+
+
+def test_inline_wait_answers_lone_writes_and_yields_to_the_wake_fd(servers):
+    """With set_inline_wait, a lone write(wait=True) gets its reply without
+    the reader task; with the wake descriptor readable (another FUSE request
+    waiting) or a server slower than the limit, it waits the normal way.  The
+    data is right either way."""
+    fast = servers(nbdkit(4 * MiB))
+    slow = servers(nbdkit(4 * MiB, "delay-write=20ms", filters=["delay"]))
+    r, w = os.pipe()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, fast.uri)
+            link.set_inline_wait(1000, r)
+            rnd = random.Random(3)
+            model = bytearray(4 * MiB)
+            for i in range(50):
+                data = rnd.randbytes(rnd.randrange(1, 9000))
+                off = rnd.randrange(0, 4 * MiB - len(data))
+                await link.write(data, off)
+                model[off : off + len(data)] = data
+            assert link.statistics()["inline_replies"] == 50
+            os.write(w, b"x")  # someone else needs the loop: no inline wait
+            await link.write(b"y" * 4096, 0)
+            model[0:4096] = b"y" * 4096
+            assert link.statistics()["inline_replies"] == 50
+            os.read(r, 1)
+            await link.write(b"z" * 4096, 4096, wait=False)  # two outstanding: no inline wait
+            await link.write(b"w" * 4096, 8192)
+            model[4096:12288] = b"z" * 4096 + b"w" * 4096
+            assert link.statistics()["inline_replies"] == 50
+            link.set_inline_wait(0, r)  # off
+            await link.write(b"v" * 4096, 12288)
+            model[12288:16384] = b"v" * 4096
+            assert link.statistics()["inline_replies"] == 50
+            assert await link.read(0, 4 * MiB) == model
+            await link.close()
+
+            link = await open_link(nursery, slow.uri)
+            link.set_inline_wait(2, r)  # 2 ms < the server's 20 ms
+            await link.write(b"s" * 4096, 0)
+            assert link.statistics()["inline_replies"] == 0
+            assert await link.read(0, 4096) == b"s" * 4096
+            await link.close()
+
+    try:
+        run(main)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_inline_wait_error_reply_fails_the_link(servers, tmp_path):
+    trigger = tmp_path / "fail-writes"
+    server = servers(
+        nbdkit(MiB, "error=ENOSPC", "error-pwrite-rate=100%", f"error-pwrite-file={trigger}", filters=["error"])
+    )
+    r, w = os.pipe()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            link.set_inline_wait(1000, r)
+            failures = link.on_failure = Failures()
+            await link.write(b"good", 0)
+            trigger.write_bytes(b"")
+            with pytest.raises(ReplicaError) as info:
+                await link.write(b"bad" * 100, 4096)
+            assert info.value.errno == errno.ENOSPC
+            assert failures.ranges == [(4096, 300)]
+            assert link.failed is not None
+            assert link.statistics()["inline_replies"] == 1
+            await link.close()
+
+    try:
+        run(main)
+    finally:
+        os.close(r)
+        os.close(w)

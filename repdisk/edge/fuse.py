@@ -192,6 +192,19 @@ async def invalidate_disk() -> None:
         pass  # the kernel holds nothing of disk.img: nothing to drop
 
 
+def fuse_device_fd() -> int | None:
+    """The descriptor of this process's /dev/fuse (pyfuse3 keeps it private),
+    or None if there is not exactly one."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                found.append(int(name))
+        except OSError:
+            pass  # closed meanwhile (the listing's own descriptor)
+    return found[0] if len(found) == 1 else None
+
+
 def mount_options(fsname: str) -> set[str]:
     opts = set(pyfuse3.default_options)
     opts.add(f"fsname={fsname}")

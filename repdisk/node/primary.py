@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SYNC_CHUNK = 4 << 20  # bytes per sync request
 AL_SHIFT = 22  # activity-log extent: 4 MiB
 AL_SLOTS = 1024  # extents kept active: a crash costs at most 1024 x 4 MiB = 4 GiB of resync
+INLINE_WAIT_MS = 2  # sync mode: how long a lone write may block the loop for its reply
 VERIFY_CHUNK = 16 << 20  # bytes compared at a time (4 pipelined NBD reads)
 
 
@@ -111,6 +112,24 @@ class PrimaryNode:
         self._verify_touched = False
         self._link_nursery = None
         self._stopping = False  # shutdown ran: closing the link is not losing the secondary
+        self._fuse_fd: int | None = None
+
+    @property
+    def fuse_fd(self) -> int | None:
+        """The FUSE device of our mount, set by the front end once mounted.  In
+        sync mode a lone write waits for its reply inline until the device has
+        another request for us (ReplicaLink.set_inline_wait)."""
+        return self._fuse_fd
+
+    @fuse_fd.setter
+    def fuse_fd(self, fd: int | None) -> None:
+        self._fuse_fd = fd
+        if self.link is not None:
+            self._inline_wait(self.link)
+
+    def _inline_wait(self, link) -> None:
+        if hasattr(link, "set_inline_wait"):
+            link.set_inline_wait(INLINE_WAIT_MS if self.mode == "sync" else 0, self._fuse_fd)
 
     @property
     def size(self) -> int:
@@ -395,6 +414,7 @@ class PrimaryNode:
         self.peer_identity = identity
         self._link_down = trio.Event()
         self.link = link
+        self._inline_wait(link)
         self.attempts = 0
         self.reconnect_error = None
         try:
