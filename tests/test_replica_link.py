@@ -618,7 +618,10 @@ def test_ops_match_model(model_server, ops, max_requests):
 # -- failures -----------------------------------------------------------------
 
 
-def test_error_reply_fails_the_link(servers, tmp_path):
+@pytest.mark.parametrize("inline", [False, True], ids=["reader", "inline"])
+def test_error_reply_fails_the_link(servers, tmp_path, wake_pipe, inline):
+    """The same whether the reply comes through the reader task or to a
+    write waiting inline (sync mode)."""
     trigger = tmp_path / "fail-writes"
     server = servers(
         nbdkit(MiB, "error=EIO", "error-pwrite-rate=100%", f"error-pwrite-file={trigger}", filters=["error"])
@@ -627,6 +630,8 @@ def test_error_reply_fails_the_link(servers, tmp_path):
     async def main():
         async with trio.open_nursery() as nursery:
             link = await open_link(nursery, server.uri)
+            if inline:
+                link.set_inline_wait(1000, wake_pipe[0])
             failures = link.on_failure = Failures()
             await link.write(b"good", 0)
             trigger.write_bytes(b"")
@@ -646,6 +651,7 @@ def test_error_reply_fails_the_link(servers, tmp_path):
             with pytest.raises(ReplicaError, match="down"):
                 await link.flush()
             assert failures.ranges == [(4096, 300), (8192, 4), (0, 512)]
+            assert link.statistics()["inline_replies"] == (1 if inline else 0)  # the good write
             await link.close()  # fine on a failed link
         # run() returned normally (the nursery did not raise)
 
@@ -746,14 +752,23 @@ def test_close_reports_requests_still_outstanding(servers):
 # -- waiting inline (sync mode) -------------------------------------------------
 
 
-def test_inline_wait_answers_lone_writes_and_yields_to_the_wake_fd(servers):
+@pytest.fixture
+def wake_pipe():
+    """(read end, write end): the read end stands for the FUSE device."""
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+def test_inline_wait_answers_lone_writes_and_yields_to_the_wake_fd(servers, wake_pipe):
     """With set_inline_wait, a lone write(wait=True) gets its reply without
     the reader task; with the wake descriptor readable (another FUSE request
     waiting) or a server slower than the limit, it waits the normal way.  The
     data is right either way."""
     fast = servers(nbdkit(4 * MiB))
     slow = servers(nbdkit(4 * MiB, "delay-write=20ms", filters=["delay"]))
-    r, w = os.pipe()
+    r, w = wake_pipe
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -790,37 +805,4 @@ def test_inline_wait_answers_lone_writes_and_yields_to_the_wake_fd(servers):
             assert await link.read(0, 4096) == b"s" * 4096
             await link.close()
 
-    try:
-        run(main)
-    finally:
-        os.close(r)
-        os.close(w)
-
-
-def test_inline_wait_error_reply_fails_the_link(servers, tmp_path):
-    trigger = tmp_path / "fail-writes"
-    server = servers(
-        nbdkit(MiB, "error=ENOSPC", "error-pwrite-rate=100%", f"error-pwrite-file={trigger}", filters=["error"])
-    )
-    r, w = os.pipe()
-
-    async def main():
-        async with trio.open_nursery() as nursery:
-            link = await open_link(nursery, server.uri)
-            link.set_inline_wait(1000, r)
-            failures = link.on_failure = Failures()
-            await link.write(b"good", 0)
-            trigger.write_bytes(b"")
-            with pytest.raises(ReplicaError) as info:
-                await link.write(b"bad" * 100, 4096)
-            assert info.value.errno == errno.ENOSPC
-            assert failures.ranges == [(4096, 300)]
-            assert link.failed is not None
-            assert link.statistics()["inline_replies"] == 1
-            await link.close()
-
-    try:
-        run(main)
-    finally:
-        os.close(r)
-        os.close(w)
+    run(main)

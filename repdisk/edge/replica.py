@@ -362,22 +362,11 @@ class ReplicaLink:
     async def _reader(self) -> None:
         h = self._h
         fd = self._fd
-        poll = self._poll.poll
         wait_readable = trio.lowlevel.wait_readable
         while True:
             await wait_readable(fd)
             try:
-                # About one reply per notification: keep going while the socket
-                # stays readable (never when it is not, see the module doc),
-                # then handle the replies in one batch.
-                for _ in range(64):
-                    if not h.aio_get_direction() & _READ_DIR:
-                        break
-                    h.aio_notify_read()
-                    if not poll(0):
-                        break
-                if self._replies:
-                    self._process_replies()
+                self._read_replies(h)
                 d = h.aio_get_direction()
             except nbd.Error as e:
                 self._fail(ReplicaError(f"connection to {self.uri} lost: {_nbd_message(e)}", e.errnum))
@@ -392,6 +381,20 @@ class ReplicaLink:
                 # Nothing to read in this state: wait until the writer moved on.
                 self._reader_kick = trio.Event()
                 await self._reader_kick.wait()
+
+    def _read_replies(self, h) -> None:
+        """The socket is readable: about one reply per notification, so keep
+        going while it stays readable (never when it is not, see the module
+        doc), then handle the replies in one batch.  Raises nbd.Error."""
+        poll = self._poll.poll
+        for _ in range(64):
+            if not h.aio_get_direction() & _READ_DIR:
+                break
+            h.aio_notify_read()
+            if not poll(0):
+                break
+        if self._replies:
+            self._process_replies()
 
     async def _writer(self) -> None:
         h = self._h
@@ -504,15 +507,7 @@ class ReplicaLink:
                 for fd, _ev in events:
                     if fd == wake:
                         return
-                readable = self._poll.poll
-                for _ in range(64):
-                    if not h.aio_get_direction() & _READ_DIR:
-                        break
-                    h.aio_notify_read()
-                    if not readable(0):
-                        break
-                if self._replies:
-                    self._process_replies()
+                self._read_replies(h)
                 if req.done or self._dead():
                     if req.done and req.error is None:
                         self._inline_done += 1
