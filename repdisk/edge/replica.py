@@ -27,12 +27,13 @@ Waiting inline (sync mode)
 Waiting for a reply through the reader task costs trio scheduling rounds
 that the primary pays on every sync write (~15 us each here).  With
 set_inline_wait(ms, wake_fd), a write(wait=True) that is the only request
-at the server polls the socket itself, blocking the loop, for up to `ms`,
-and handles the reply right there.  It gives up, and waits the normal way,
-as soon as wake_fd (the FUSE device: another request for the node) becomes
-readable, when libnbd still has output to send, or when `ms` passes without
-a reply.  The loop is therefore never blocked while anyone else needs it
-for more than `ms`.
+at the server polls the socket itself, blocking the loop (each poll up to
+`ms`, at most four: a reply may arrive in pieces, or an overlapping request
+may be answered first), and handles the reply right there.  It gives up, and
+waits the normal way, as soon as wake_fd (the FUSE device: another request
+for the node) becomes readable, when libnbd still has output to send, or
+when a poll times out.  So the loop is not held while another FUSE request
+waits, and never for more than 4 x `ms`.
 
 Ordering and flow control
 -------------------------
