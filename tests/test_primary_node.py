@@ -54,7 +54,7 @@ class FakeLink:
 
     async def write(self, buf, offset, wait=True, then=None):
         self.sec.data[offset : offset + len(buf)] = buf
-        if then is not None:  # as the real link: right after the send
+        if then is not None:  # as the real link: once the request is started, before the reply
             then()
         await trio.lowlevel.checkpoint()
 

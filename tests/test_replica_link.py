@@ -776,7 +776,7 @@ def test_inline_wait_answers_lone_writes_and_yields_to_the_wake_fd(servers, wake
             link.set_inline_wait(1000, r)
             rnd = random.Random(3)
             model = bytearray(4 * MiB)
-            for i in range(50):
+            for _ in range(50):
                 data = rnd.randbytes(rnd.randrange(1, 9000))
                 off = rnd.randrange(0, 4 * MiB - len(data))
                 await link.write(data, off)
