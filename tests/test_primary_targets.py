@@ -29,7 +29,7 @@ def stop(p):
     if p.poll() is None:
         p.terminate()
         try:
-            p.wait(10)
+            p.wait(2)  # nbdkit waits for its client (the primary, still running) to leave
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
