@@ -62,12 +62,11 @@ class StackReplicaDevice:
         self.stack = stack
         self.size = stack.size
         self.preferred_block = stack.geometry.block_size
+        # pwrite(buf, offset) is the stack's, bound here: the hot call, no layer of its own.
+        self.pwrite = stack.primary_write
 
     def pread(self, offset: int, length: int) -> bytes:
         return self.stack.replica_read(offset, length)
-
-    def pwrite(self, buf, offset: int) -> None:
-        self.stack.primary_write(buf, offset)
 
     def zero(self, offset: int, length: int) -> None:
         self.stack.primary_zero(offset, length)

@@ -2,6 +2,7 @@
 (a power of two); the last block may be short."""
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from .errors import InvalidArgument, OutOfRange
 
@@ -18,11 +19,13 @@ class Geometry:
         if self.size <= 0:
             raise InvalidArgument(f"disk size {self.size} must be positive")
 
-    @property
+    # Cached: both are read on every I/O (cached_property writes the instance
+    # dict directly, which a frozen dataclass allows).
+    @cached_property
     def shift(self) -> int:
         return self.block_size.bit_length() - 1
 
-    @property
+    @cached_property
     def nblocks(self) -> int:
         return (self.size + self.block_size - 1) >> self.shift
 

@@ -111,13 +111,20 @@ class SecondaryStack:
         b0, b1 = geo.blocks(offset, length)
         if b0 == b1 or self.standalone:
             return
-        hidden, active = self.hidden, self.active
-        held = hidden.map.bits[b0:b1] | active.map.bits[b0:b1]
-        if held.all():
-            return
-        need = Bitmap(0)
-        need.bits = ~held
-        for a, b in need.runs():
+        hidden = self.hidden
+        in_hidden, in_active = hidden.map.bits, self.active.map.bits
+        if b1 - b0 == 1:  # one block (most writes): two bit tests, no slices
+            if in_hidden[b0] or in_active[b0]:
+                return
+            runs = ((0, 1),)
+        else:
+            held = in_hidden[b0:b1] | in_active[b0:b1]
+            if held.all():
+                return
+            need = Bitmap(0)
+            need.bits = ~held
+            runs = need.runs()
+        for a, b in runs:
             start, n = geo.byte_range(b0 + a, b0 + b)
             if self.replica.is_hole(start, n):
                 hidden.clear_stale(start, n)  # a hole: take it over, nothing to copy
