@@ -8,6 +8,7 @@ import signal
 import pyfuse3
 import trio
 
+from .edge import fuseloop
 from .edge.fuse import DiskFS, fuse_device_fd, mount_options, prepare_mountpoint
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ async def serve_node(node, mountpoint: str, fsname: str, services=(), on_ready=N
                 on_ready()
             # main() returns after pyfuse3.terminate() (a signal) or when the
             # file system was unmounted from outside.
-            await pyfuse3.main(min_tasks=FUSE_MIN_TASKS, max_tasks=FUSE_MAX_TASKS)
+            with fuseloop.installed():
+                await pyfuse3.main(min_tasks=FUSE_MIN_TASKS, max_tasks=FUSE_MAX_TASKS)
             unmounted = not stop.requested
             if unmounted:
                 log.warning("%s was unmounted from outside; stopping", mountpoint)

@@ -2,10 +2,13 @@
 under a hypervisor's block layer (qemu-img, qemu-io, fio)."""
 
 import errno
+import mmap
 import os
 import random
 import shutil
+import signal
 import subprocess
+import threading
 
 import pytest
 
@@ -120,6 +123,48 @@ def test_secondary_failure_degrades_without_failing_writes(nodes, tmp_path, faul
         assert pri.command_errno("checkpoint") == errno.EBUSY
         assert pri.stop() == 0
         assert read_file(pri.image) == bytes(expected)
+    finally:
+        stop(srv)
+
+
+def test_a_waiting_sync_write_holds_up_no_other_request(nodes, tmp_path):
+    """While a sync write waits for a secondary that does not answer (stopped
+    with SIGSTOP), a direct read of disk.img and the control file are still
+    served: the FUSE worker blocked in the write handed the reading of
+    requests to another one (fuse.reader_handoffs counts that)."""
+    sock = str(tmp_path / "t.sock")
+    srv = server(["nbdkit", "-f", "--exit-with-parent", "-U", sock, "memory", str(SIZE)], sock)
+    try:
+        pri = start_primary(nodes, tmp_path, f"nbd+unix:///?socket={sock}", "--mode", "sync")
+        pri.wait_state("replicating")
+        write_file(pri.disk, b"a" * 4096, 0)
+        handoffs = pri.status()["fuse"]["reader_handoffs"]
+        written = threading.Event()
+
+        def write():
+            write_file(pri.disk, b"b" * 4096, 1 << 20)
+            written.set()
+
+        writer = threading.Thread(target=write)
+        os.kill(srv.pid, signal.SIGSTOP)
+        try:
+            writer.start()
+            wait_until(lambda: pri.status()["inflight_requests"] == 1, 10, "the write to wait for its reply")
+            buf = mmap.mmap(-1, 4096)
+            fd = os.open(pri.disk, os.O_RDONLY | os.O_DIRECT)
+            try:
+                assert os.preadv(fd, [buf], 0) == 4096
+            finally:
+                os.close(fd)
+            assert bytes(buf) == b"a" * 4096
+            assert not written.is_set()  # the read did not wait for the write
+            assert pri.status()["fuse"]["reader_handoffs"] > handoffs
+        finally:
+            os.kill(srv.pid, signal.SIGCONT)
+        writer.join(20)
+        assert written.is_set()
+        pri.command("checkpoint")
+        assert nbd_read_all(f"nbd+unix:///?socket={sock}", SIZE) == read_file(pri.disk)
     finally:
         stop(srv)
 

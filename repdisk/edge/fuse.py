@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from ..core.errors import RepdiskError
+from . import fuseloop
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,9 @@ class DiskFS(pyfuse3.Operations):
             fh = self._next_fh
             self._next_fh += 1
             if flags & os.O_ACCMODE != os.O_WRONLY:
-                self._snapshots[fh] = (json.dumps(self.node.status(), indent=2) + "\n").encode()
+                status = self.node.status()
+                status["fuse"] = fuseloop.statistics()
+                self._snapshots[fh] = (json.dumps(status, indent=2) + "\n").encode()
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT else errno.ENOENT)
 

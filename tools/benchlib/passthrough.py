@@ -2,8 +2,9 @@
 
     python passthrough.py IMAGE MOUNTPOINT
 
-Shows IMAGE as MOUNTPOINT/disk.img with the same mount options and pyfuse3
-task settings as repdisk's front end, and nothing else: each read or write is
+Shows IMAGE as MOUNTPOINT/disk.img with the same mount options, pyfuse3
+task settings and worker loop (repdisk.edge.fuseloop) as repdisk's front end,
+and nothing else: each read or write is
 one os.pread/os.pwrite inline in the handler.  The benchmark runs fio on it
 next to repdisk, so that its tables separate what a single-threaded Python
 FUSE daemon costs on this machine from what repdisk adds on top.  Stops on
@@ -21,6 +22,7 @@ import trio
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from repdisk.app import FUSE_MAX_TASKS, FUSE_MIN_TASKS  # noqa: E402
+from repdisk.edge import fuseloop  # noqa: E402
 from repdisk.edge.fuse import mount_options  # noqa: E402
 
 DISK = pyfuse3.ROOT_INODE + 1
@@ -87,7 +89,8 @@ async def main(fs, mountpoint):
                         return
 
             nursery.start_soon(stop_on_signal)
-            await pyfuse3.main(min_tasks=FUSE_MIN_TASKS, max_tasks=FUSE_MAX_TASKS)
+            with fuseloop.installed():
+                await pyfuse3.main(min_tasks=FUSE_MIN_TASKS, max_tasks=FUSE_MAX_TASKS)
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
