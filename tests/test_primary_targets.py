@@ -145,22 +145,33 @@ def test_a_waiting_sync_write_holds_up_no_other_request(nodes, tmp_path):
             write_file(pri.disk, b"b" * 4096, 1 << 20)
             written.set()
 
-        writer = threading.Thread(target=write)
-        os.kill(srv.pid, signal.SIGSTOP)
-        try:
-            writer.start()
+        seen = {}
+
+        def probe():  # what must not wait behind the write
             wait_until(lambda: pri.status()["inflight_requests"] == 1, 10, "the write to wait for its reply")
             buf = mmap.mmap(-1, 4096)
             fd = os.open(pri.disk, os.O_RDONLY | os.O_DIRECT)
             try:
-                assert os.preadv(fd, [buf], 0) == 4096
+                os.preadv(fd, [buf], 0)
             finally:
                 os.close(fd)
-            assert bytes(buf) == b"a" * 4096
-            assert not written.is_set()  # the read did not wait for the write
-            assert pri.status()["fuse"]["reader_handoffs"] > handoffs
+            seen["read"] = bytes(buf)
+            seen["write done"] = written.is_set()
+            seen["handoffs"] = pri.status()["fuse"]["reader_handoffs"]
+
+        writer = threading.Thread(target=write)
+        prober = threading.Thread(target=probe, daemon=True)  # if it hangs, the test fails instead
+        os.kill(srv.pid, signal.SIGSTOP)
+        try:
+            writer.start()
+            prober.start()
+            prober.join(20)
+            assert not prober.is_alive(), "the control file or a direct read waited behind the sync write"
         finally:
             os.kill(srv.pid, signal.SIGCONT)
+        assert seen["read"] == b"a" * 4096
+        assert not seen["write done"]  # served while the write still waited
+        assert seen["handoffs"] > handoffs
         writer.join(20)
         assert written.is_set()
         pri.command("checkpoint")
