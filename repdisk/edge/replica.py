@@ -490,7 +490,14 @@ class ReplicaLink:
 
     def _wait_inline(self, req) -> None:
         """Block for req's reply (module doc, "Waiting inline"); return early,
-        leaving it to the reader task, when anything else needs the loop."""
+        leaving it to the reader task, when anything else needs the loop.
+
+        Reading replies here, outside the reader task, is safe only because req
+        is the sole request at the server: the reader cannot hold a wake-up for
+        a reply this reads (an earlier unanswered request would make _sent > 1),
+        so it never notifies libnbd of input that is gone (module doc).  A
+        second reader of the socket without that guarantee would need a poll
+        before every notification."""
         h = self._h
         poll = self._inline_poll
         if poll is None:
