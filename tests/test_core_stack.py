@@ -9,7 +9,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from repdisk.core.errors import OutOfRange
 from repdisk.core.geometry import Geometry
-from repdisk.core.image import RawImage
+from repdisk.core.image import WRITE_PIECE, RawImage
 from repdisk.core.stack import SecondaryStack
 
 from model import PairModel
@@ -258,3 +258,34 @@ def test_view_read_layer_precedence(tmp_path):
         assert stack.view_read(0, 4 * BS) == b"P" * (4 * BS)
     finally:
         stack.close()
+
+
+@pytest.mark.parametrize("length", [1, 4096, WRITE_PIECE - 1, WRITE_PIECE, WRITE_PIECE + 1, 5 * WRITE_PIECE + 513, 1 << 20])
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_big_writes_go_down_in_pieces_and_land_whole(tmp_path, monkeypatch, length, kind):
+    """RawImage.pwrite caps each syscall at WRITE_PIECE (so the page cache
+    never builds folios bigger than that from our writes) and still writes
+    every byte, at unaligned offsets and after a short write."""
+    size = 2 << 20
+    img = RawImage.open(str(tmp_path / "img"), size)
+    data = os.urandom(length)
+    offset = 777
+    calls = []
+    real_pwrite = os.pwrite
+
+    def recording_pwrite(fd, buf, off):
+        calls.append(len(buf))
+        if len(calls) == 2 and len(buf) > 1:  # the kernel may write less than asked
+            return real_pwrite(fd, memoryview(buf)[: len(buf) // 2], off)
+        return real_pwrite(fd, buf, off)
+
+    monkeypatch.setattr(os, "pwrite", recording_pwrite)
+    img.pwrite(kind(data), offset)
+    monkeypatch.undo()
+    assert max(calls) <= WRITE_PIECE
+    assert sum(calls) >= length
+    assert len(calls) >= -(-length // WRITE_PIECE)
+    assert img.pread(offset, length) == data
+    assert img.pread(0, offset) == bytes(offset)
+    assert img.pread(offset + length, size - offset - length) == bytes(size - offset - length)
+    img.close()
