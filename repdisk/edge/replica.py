@@ -386,13 +386,16 @@ class ReplicaLink:
     def _read_replies(self, h) -> None:
         """The socket is readable: about one reply per notification, so keep
         going while it stays readable (never when it is not, see the module
-        doc), then handle the replies in one batch.  Raises nbd.Error."""
+        doc), then handle the replies in one batch.  Once every request at
+        the server has its reply there is nothing left to read for now: no
+        poll (at QD1, one syscall less per request).  Raises nbd.Error."""
         poll = self._poll.poll
+        replies = self._replies
         for _ in range(64):
             if not h.aio_get_direction() & _READ_DIR:
                 break
             h.aio_notify_read()
-            if not poll(0):
+            if len(replies) >= self._sent or not poll(0):
                 break
         if self._replies:
             self._process_replies()
