@@ -52,8 +52,8 @@ def parse_size(text: str) -> int:
     return value
 
 
-# The page cache sizes a folio after the write that creates it: on kernels with
-# large folios (ext4 since 6.x; 6.18 here) one 1 MiB pwrite makes a 1 MiB folio,
+# The page cache sizes a folio after the write that creates it: on kernels whose
+# ext4 uses large folios (6.18 here) one 1 MiB pwrite makes a 1 MiB folio,
 # and every later 4 KiB write into it costs ~20 us of system time against ~4-5 us
 # in 64-128 KiB folios (and dirties, so writes back, the whole folio).  A disk
 # image takes big sequential writes and then small random ones into the same
@@ -133,7 +133,10 @@ class RawImage:
             if n != len(buf):
                 mv = memoryview(buf)
                 while n < len(mv):
-                    n += os.pwrite(self.fd, mv[n : n + WRITE_PIECE], offset + n)
+                    k = os.pwrite(self.fd, mv[n : n + WRITE_PIECE], offset + n)
+                    if k <= 0:  # never for a regular file; do not spin on it
+                        raise OSError(errno.EIO, f"write made no progress after {n} bytes")
+                    n += k
         except OSError as e:
             raise IOFailure(f"write {self.path} at {offset}", e) from None
 

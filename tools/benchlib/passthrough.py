@@ -4,12 +4,11 @@
 
 Shows IMAGE as MOUNTPOINT/disk.img with the same mount options, pyfuse3
 task settings and worker loop (repdisk.edge.fuseloop) as repdisk's front end,
-and nothing else: each read or write is
-one os.pread inline in the handler, or os.pwrite in pieces of at most
-repdisk.core.image.WRITE_PIECE, as repdisk writes its images.  The benchmark runs fio on it
-next to repdisk, so that its tables separate what a single-threaded Python
-FUSE daemon costs on this machine from what repdisk adds on top.  Stops on
-SIGTERM/SIGINT (unmounting)."""
+and nothing else: a read is one os.pread inline in the handler, a write
+os.pwrite in pieces of repdisk.core.image.WRITE_PIECE, as repdisk writes its
+images.  The benchmark runs fio on it next to repdisk, so that its tables
+separate what a single-threaded Python FUSE daemon costs on this machine from
+what repdisk adds on top.  Stops on SIGTERM/SIGINT (unmounting)."""
 
 import errno
 import os
