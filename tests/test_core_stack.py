@@ -1,5 +1,6 @@
 """The secondary's block stack against the bytearray model (Hypothesis)."""
 
+import errno
 import os
 
 import hypothesis.strategies as hs
@@ -7,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from repdisk.core.errors import OutOfRange
+from repdisk.core.errors import IOFailure, OutOfRange
 from repdisk.core.geometry import Geometry
 from repdisk.core.image import WRITE_PIECE, RawImage
 from repdisk.core.stack import SecondaryStack
@@ -288,4 +289,22 @@ def test_big_writes_go_down_in_pieces_and_land_whole(tmp_path, monkeypatch, leng
     assert img.pread(offset, length) == data
     assert img.pread(0, offset) == bytes(offset)
     assert img.pread(offset + length, size - offset - length) == bytes(size - offset - length)
+    img.close()
+
+
+def test_a_write_that_makes_no_progress_fails_instead_of_spinning(tmp_path, monkeypatch):
+    img = RawImage.open(str(tmp_path / "img"), 1 << 20)
+    real_pwrite = os.pwrite
+    calls = []
+
+    def stuck_pwrite(fd, buf, off):
+        calls.append(len(buf))
+        return real_pwrite(fd, buf, off) if len(calls) == 1 else 0
+
+    monkeypatch.setattr(os, "pwrite", stuck_pwrite)
+    with pytest.raises(IOFailure) as e:
+        img.pwrite(bytes(3 * WRITE_PIECE), 0)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert e.value.errno == errno.EIO and "no progress" in str(e.value)
     img.close()
