@@ -128,15 +128,19 @@ class RawImage:
     def pwrite(self, buf, offset: int) -> None:
         """Write all of `buf` at `offset`, in pieces of at most WRITE_PIECE
         bytes (see there)."""
+        total = len(buf)
+        n = 0
         try:
-            n = os.pwrite(self.fd, buf if len(buf) <= WRITE_PIECE else memoryview(buf)[:WRITE_PIECE], offset)
-            if n != len(buf):
-                mv = memoryview(buf)
-                while n < len(mv):
-                    k = os.pwrite(self.fd, mv[n : n + WRITE_PIECE], offset + n)
-                    if k <= 0:  # never for a regular file; do not spin on it
-                        raise OSError(errno.EIO, f"write made no progress after {n} bytes")
-                    n += k
+            if total <= WRITE_PIECE:  # most writes: one syscall, no view
+                n = os.pwrite(self.fd, buf, offset)
+                if n == total:
+                    return
+            mv = memoryview(buf)
+            while n < total:
+                k = os.pwrite(self.fd, mv[n : n + WRITE_PIECE], offset + n)
+                if k <= 0:  # never for a regular file; do not spin on it
+                    raise OSError(errno.EIO, f"write made no progress after {n} bytes")
+                n += k
         except OSError as e:
             raise IOFailure(f"write {self.path} at {offset}", e) from None
 

@@ -5,8 +5,8 @@
 Shows IMAGE as MOUNTPOINT/disk.img with the same mount options, pyfuse3
 task settings and worker loop (repdisk.edge.fuseloop) as repdisk's front end,
 and nothing else: a read is one os.pread inline in the handler, a write
-os.pwrite in pieces of repdisk.core.image.WRITE_PIECE, as repdisk writes its
-images.  The benchmark runs fio on it next to repdisk, so that its tables
+repdisk's own RawImage.pwrite (os.pwrite in pieces of WRITE_PIECE), as
+repdisk writes its images.  The benchmark runs fio on it next to repdisk, so that its tables
 separate what a single-threaded Python FUSE daemon costs on this machine from
 what repdisk adds on top.  Stops on SIGTERM/SIGINT (unmounting)."""
 
@@ -22,7 +22,7 @@ import trio
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from repdisk.app import FUSE_MAX_TASKS, FUSE_MIN_TASKS  # noqa: E402
-from repdisk.core.image import WRITE_PIECE  # noqa: E402
+from repdisk.core.image import RawImage  # noqa: E402
 from repdisk.edge import fuseloop  # noqa: E402
 from repdisk.edge.fuse import mount_options  # noqa: E402
 
@@ -33,6 +33,7 @@ class Passthrough(pyfuse3.Operations):
     def __init__(self, fd: int, size: int):
         super().__init__()
         self.fd, self.size = fd, size
+        self.image = RawImage("floor image", fd, size)
 
     def _attr(self, inode):
         a = pyfuse3.EntryAttributes()
@@ -67,10 +68,8 @@ class Passthrough(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         if off + len(buf) > self.size:
             raise pyfuse3.FUSEError(errno.ENOSPC)
-        mv = memoryview(buf)
-        for p in range(0, len(mv), WRITE_PIECE):
-            os.pwrite(self.fd, mv[p : p + WRITE_PIECE], off + p)
-        return len(mv)
+        self.image.pwrite(buf, off)
+        return len(buf)
 
     async def fsync(self, fh, datasync):
         os.fsync(self.fd)
