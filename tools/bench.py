@@ -33,8 +33,8 @@ from benchlib import report  # noqa: E402
 from benchlib.fio import WORKLOADS, job_options, run_fio, write_random  # noqa: E402
 from benchlib.targets import REPO, PassthroughTarget, PlainTarget, QemuPair, RepdiskPair  # noqa: E402
 from benchlib.util import (GiB, MiB, TiB, BenchError, cmd_version, dump_json, log,  # noqa: E402
-                           copy_image, make_filled_image, make_random_image, remove_tree,
-                           rss_bytes)
+                           copy_image, cpu_seconds, make_filled_image, make_random_image,
+                           remove_tree, rss_bytes)
 
 SECTIONS = ("fio", "checkpoint", "sync", "nodes")
 ALIASES = {"rss": "nodes", "startup": "nodes", "failover": "checkpoint", "hidden": "checkpoint"}
@@ -134,8 +134,11 @@ def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
                         try:
                             for p in getattr(t, "procs", {}).values():
                                 p.check_alive()
+                            _quiesce(t)
+                            cpu0 = _cpu_of(t)
                             r = run_fio(path, job_options(wl, cfg.fio_size, cfg.runtime),
                                         direct=(io == "direct"))
+                            r["daemon_cpu_s"] = _cpu_delta(cpu0, _cpu_of(t))
                             cell["runs"].append(r)
                             log(f"  {io:8} {wl:10} {r['mibs']:8.1f} MiB/s {r['iops']:9.0f} IOPS "
                                 f"p50 {r['p50_us']:7.1f} us p99 {r['p99_us']:8.1f} us")
@@ -143,6 +146,27 @@ def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
                             cell["errors"].append(str(e))
                             log(f"  {io:8} {wl:10} n/a: {e}")
             remove_tree(d)
+
+
+def _quiesce(target) -> None:
+    """Start every fio job from a quiet machine: no replication still running
+    from the job before (repdisk's async mode may hold up to --async-queue
+    unsent), no dirty page cache left for writeback to flush during the job.
+    Each job is then charged for its own work only, in time and in CPU."""
+    if hasattr(target, "quiesce"):
+        target.quiesce()
+    _settle_writeback()
+
+
+def _cpu_of(target) -> dict:
+    """role -> (user, system) CPU seconds so far of each process of a target."""
+    return {role: cpu_seconds(p.pid) for role, p in getattr(target, "procs", {}).items()}
+
+
+def _cpu_delta(before: dict, after: dict) -> dict:
+    """role -> [user, system] CPU seconds spent between two _cpu_of snapshots."""
+    return {role: [after[role][0] - b[0], after[role][1] - b[1]]
+            for role, b in before.items() if b is not None and after.get(role) is not None}
 
 
 def _start_fio_target(key, d, size):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 
 from .util import BenchError, MiB
@@ -34,14 +35,19 @@ def job_options(workload: str, size: int, runtime: int) -> dict:
 
 
 def run_fio(filename: str, options: dict, direct: bool, timeout: float = 600) -> dict:
-    """Run one fio job on `filename`; return {value, mibs, iops, p50_us, p99_us}."""
+    """Run one fio job on `filename`; return {mibs, iops, p50_us, p99_us, runtime_ms,
+    ios, fio_cpu_s}: `ios` the I/Os done, `fio_cpu_s` [user, system] CPU seconds of
+    fio and its job processes (the system part includes the kernel's side of
+    each request, FUSE's included)."""
     argv = ["fio", "--name=bench", f"--filename={filename}", "--output-format=json",
             f"--direct={1 if direct else 0}"]
     argv += [f"--{k}={v}" for k, v in options.items()]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise BenchError(f"fio timed out after {timeout:.0f}s") from None
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = r.stdout
     try:
         data = json.loads(out[out.index("{"):])
@@ -63,6 +69,8 @@ def run_fio(filename: str, options: dict, direct: bool, timeout: float = 600) ->
         "p50_us": pct.get("50.000000", 0) / 1000,
         "p99_us": pct.get("99.000000", 0) / 1000,
         "runtime_ms": job.get("job_runtime"),
+        "ios": side.get("total_ios", 0),
+        "fio_cpu_s": [ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime],
     }
 
 

@@ -58,6 +58,7 @@ def summarize_all(res: dict) -> dict:
                     "v": summarize([r[field] for r in runs]),
                     "p50": summarize([r["p50_us"] for r in runs]),
                     "p99": summarize([r["p99_us"] for r in runs]),
+                    "cpu": cpu_per_io(runs),
                     "errors": cell["errors"],
                 }
     for (wl, io, key), s in fio_summ.items():
@@ -73,6 +74,11 @@ def summarize_all(res: dict) -> dict:
         if s["p50"]:
             extra["p50_us"] = s["p50"]["median"]
             extra["p99_us"] = s["p99"]["median"]
+        if s["cpu"]:
+            extra["cpu"] = s["cpu"]
+            base = fio_summ.get((wl, io, peer), {}).get("cpu") if peer else None
+            if base:
+                extra["cpu"]["xQEMU"] = s["cpu"]["total_us"] / base["total_us"]
         add("fio", f"{DESCRIPTION[wl]}, {io}", labels.get(key, key), METRIC[wl], s["v"],
             s["errors"], ratios, extra=extra)
 
@@ -156,6 +162,27 @@ def summarize_all(res: dict) -> dict:
                     unit, summ, nsys[sysname]["errors"], ratios, lower=True,
                     extra={"key": sysname, "role": role, "metric": metric})
     return {"rows": rows, "checks": checks(rows, res)}
+
+
+def cpu_per_io(runs: list[dict]) -> dict | None:
+    """CPU time per I/O of fio runs (medians over the runs, in µs):
+    {"parts": {name: [user, system]}, "total_us": ...}, parts being fio (with
+    the kernel's side of each request) and each process of the target.  None
+    when the runs carry no CPU figures (results from before they were taken)."""
+    per_run = []
+    for r in runs:
+        if not r.get("ios") or "fio_cpu_s" not in r:
+            continue
+        parts = {"fio": r["fio_cpu_s"], **r.get("daemon_cpu_s", {})}
+        per_run.append({k: [1e6 * u / r["ios"], 1e6 * sy / r["ios"]] for k, (u, sy) in parts.items()})
+    if not per_run:
+        return None
+    names = [k for k in per_run[0] if all(k in p for p in per_run)]
+    parts = {k: [summarize([p[k][0] for p in per_run])["median"],
+                 summarize([p[k][1] for p in per_run])["median"]] for k in names}
+    total = summarize([sum(u + sy for u, sy in p.values()) for p in per_run])
+    return {"parts": parts, "total_us": total["median"], "total_min": total["min"],
+            "total_max": total["max"]}
 
 
 def checks(rows: list[dict], res: dict) -> list[dict]:
@@ -253,6 +280,19 @@ def table(res: dict, summary: dict) -> str:
         p99 = _fmt(r.get("p99_us")) if "p99_us" in r else ""
         lines.append(f"{r['item'][:46]:46} {r['target'][:28]:28} {val} {r['unit']:6} "
                      f"{p50:>8} {p99:>8}{tail}")
+    cpu_rows = [r for r in summary["rows"] if r.get("cpu")]
+    if cpu_rows:
+        lines += ["", "== CPU per I/O ==",
+                  "µs of CPU time per I/O (median of the runs): user+system of fio (its system time "
+                  "includes the kernel's side of each request) and of each process of the target; "
+                  "total (min-max); xQEMU = total / QEMU's total"]
+        for r in cpu_rows:
+            c = r["cpu"]
+            parts = "  ".join(f"{k[:3]} {u:.0f}+{sy:.0f}" for k, (u, sy) in c["parts"].items())
+            spread = f"({c['total_min']:.0f}-{c['total_max']:.0f})"
+            x = f"  xQEMU {c['xQEMU']:.2f}" if "xQEMU" in c else ""
+            lines.append(f"{r['item'][:46]:46} {r['target'][:28]:28} {c['total_us']:8.0f} {spread:>13}  "
+                         f"{parts}{x}")
     if summary["checks"]:
         lines += ["", "== the issue's targets on this run =="]
         for c in summary["checks"]:

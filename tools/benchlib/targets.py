@@ -7,6 +7,9 @@ Each pair has the same small interface, used by the sections in bench.py:
   hidden_bytes()          bytes held in the secondary's hidden overlay
   failover()              -> seconds until the secondary is standalone
   pids                    {"primary": pid, "secondary": pid}
+  quiesce()               wait until no replication is outstanding (repdisk's
+                          async mode runs ahead of the secondary; QEMU's pair
+                          and the single-process targets have nothing pending)
   stop_primary(), stop()  idempotent; stop() always unmounts and reaps
 """
 from __future__ import annotations
@@ -360,6 +363,16 @@ class RepdiskPair:
 
     def checkpoint(self) -> tuple[float, float]:
         return self.command("primary", "checkpoint"), self.command("secondary", "checkpoint")
+
+    def quiesce(self, timeout: float = 300) -> None:
+        """Wait until the primary has no request to the secondary outstanding,
+        so that the next measurement does not pay for the last one's tail."""
+        def idle():
+            st = self._try_status("primary")
+            if st and st.get("state") in ("degraded", "standalone"):
+                raise BenchError(f"primary went {st['state']}: {st.get('error')}")
+            return st is not None and st.get("inflight_requests") == 0
+        wait_for(idle, timeout, "the primary's replication to go idle", interval=0.01)
 
     def hidden_bytes(self) -> int:
         return int(self.status("secondary")["hidden_bytes"])

@@ -86,6 +86,20 @@ class Proc:
         return self.popen.returncode
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """User and system CPU seconds of process `pid` so far, all its threads
+    together (/proc/PID/stat, clock-tick resolution); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
 def rss_bytes(pid: int) -> int:
     """VmRSS of `pid` plus that of its descendants."""
     total = 0

@@ -1,0 +1,60 @@
+"""The benchmark's arithmetic (tools/benchlib/report.py): CPU time per I/O and
+its ratio to QEMU, from fio results shaped like the ones tools/bench records."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+
+from benchlib import report  # noqa: E402
+
+
+def run(iops, ios, fio, **daemons):
+    return {"mibs": iops * 4096 / (1 << 20), "iops": iops, "p50_us": 100.0, "p99_us": 200.0,
+            "runtime_ms": 3000, "ios": ios, "fio_cpu_s": list(fio),
+            "daemon_cpu_s": {k: list(v) for k, v in daemons.items()}}
+
+
+def results(qemu_runs, rd_runs):
+    empty = {"runs": [], "errors": []}
+    def target(runs):
+        return {io: {wl: (dict(runs=runs, errors=[]) if (io, wl) == ("direct", "randwrite") else empty)
+                     for wl in ("seqwrite", "randwrite", "randread", "randwrite4")}
+                for io in ("direct", "buffered")}
+    return {"fio": {"targets": {"qemu-pri": target(qemu_runs), "rd-async-tcp": target(rd_runs)},
+                    "labels": {}}}
+
+
+def test_cpu_per_io_is_the_median_of_each_process_per_io_in_microseconds():
+    runs = [run(10000, 30000, (0.3, 0.6), primary=(3.0, 0.9), secondary=(0.6, 0.6)),
+            run(10000, 20000, (0.2, 0.2), primary=(1.8, 0.8), secondary=(0.4, 0.4)),
+            run(10000, 10000, (0.1, 0.1), primary=(1.1, 0.3), secondary=(0.2, 0.2))]
+    c = report.cpu_per_io(runs)
+    # per run, µs per I/O: fio 10+20 / 10+10 / 10+10; primary 100+30 / 90+40 / 110+30
+    assert c["parts"]["fio"] == [10, 10]
+    assert c["parts"]["primary"] == [100, 30]
+    assert c["parts"]["secondary"] == [20, 20]
+    # totals per run: 30+130+40=200, 20+130+40=190, 20+140+40=200
+    assert (c["total_us"], c["total_min"], c["total_max"]) == (200, 190, 200)
+
+
+def test_runs_without_cpu_figures_give_none():
+    old = {"mibs": 1.0, "iops": 1.0, "p50_us": 1.0, "p99_us": 1.0, "runtime_ms": 1}
+    assert report.cpu_per_io([old]) is None
+    assert report.cpu_per_io([dict(old, ios=0, fio_cpu_s=[1, 1])]) is None
+
+
+def test_rows_carry_cpu_and_its_ratio_to_qemu():
+    res = results([run(8000, 24000, (0.48, 0.48), primary=(0.96, 0.96), secondary=(0.96, 0.96))],
+                  [run(10000, 30000, (0.6, 0.6), primary=(3.0, 1.2), secondary=(0.6, 0.6))])
+    rows = {r["key"]: r for r in report.summarize_all(res)["rows"]
+            if r["section"] == "fio" and r["workload"] == "randwrite" and r["io"] == "direct"}
+    assert rows["qemu-pri"]["cpu"]["total_us"] == 200  # 40 + 80 + 80
+    assert "xQEMU" not in rows["qemu-pri"]["cpu"]
+    assert rows["rd-async-tcp"]["cpu"]["total_us"] == 220  # 40 + 140 + 40
+    assert abs(rows["rd-async-tcp"]["cpu"]["xQEMU"] - 1.1) < 1e-9
+    assert abs(rows["rd-async-tcp"]["ratios"]["xQEMU"] - 1.25) < 1e-9
+    text = report.table({"meta": {"started": "t", "git": "g", "quick": True, "config": {"reps": 1},
+                                  "cpus": 2, "kernel": "k", "qemu": "q", "repdisk": True}},
+                        report.summarize_all(res))
+    assert "== CPU per I/O ==" in text and "pri 100+40" in text and "xQEMU 1.10" in text
