@@ -30,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import report  # noqa: E402
-from benchlib.fio import WORKLOADS, job_options, run_fio, write_random  # noqa: E402
+from benchlib.fio import DESCRIPTION, WORKLOADS, job_options, run_fio, write_random  # noqa: E402
 from benchlib.targets import REPO, PassthroughTarget, PlainTarget, QemuPair, RepdiskPair  # noqa: E402
 from benchlib.util import (GiB, MiB, TiB, BenchError, cmd_version, dump_json, log,  # noqa: E402
                            copy_image, cpu_seconds, make_filled_image, make_random_image,
@@ -109,43 +109,58 @@ TARGET_LABEL = {
 
 
 def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
+    """Each repetition starts every target at once (an idle target costs no
+    CPU), then runs each job on all of them back to back, in an order rotated
+    per repetition.  So repdisk and QEMU are measured seconds apart rather
+    than minutes, and the drift of this machine's outside load (rates move
+    20-50% over minutes) hits them alike.  Each target still sees the jobs in
+    the same order (direct, then buffered; WORKLOADS order)."""
     out = res.setdefault("fio", {"targets": {}, "labels": TARGET_LABEL})
     targets = [t for t in cfg.fio_targets if have_repdisk or not t.startswith("rd-")]
     for rep in range(cfg.reps):
-        for key in targets:
-            d = os.path.join(work, f"fio-{key}-{rep}")
-            tres = out["targets"].setdefault(key, {})
-            log(f"fio rep {rep + 1}/{cfg.reps}: {TARGET_LABEL[key]}")
-            try:
-                t, path = _start_fio_target(key, d, cfg.fio_size)
-            except Exception as e:
-                log(f"  cannot start {key}: {e}")
-                for io in ("direct", "buffered"):
-                    for wl in WORKLOADS:
-                        tres.setdefault(io, {}).setdefault(wl, {"runs": [], "errors": []})[
-                            "errors"].append(f"start failed: {e}")
-                stop_all()
-                remove_tree(d)
-                continue
-            with running(t):
-                for io in ("direct", "buffered"):
-                    for wl in WORKLOADS:
-                        cell = tres.setdefault(io, {}).setdefault(wl, {"runs": [], "errors": []})
-                        try:
-                            for p in getattr(t, "procs", {}).values():
-                                p.check_alive()
-                            _quiesce(t)
-                            cpu0 = _cpu_of(t)
-                            r = run_fio(path, job_options(wl, cfg.fio_size, cfg.runtime),
-                                        direct=(io == "direct"))
-                            r["daemon_cpu_s"] = _cpu_delta(cpu0, _cpu_of(t))
-                            cell["runs"].append(r)
-                            log(f"  {io:8} {wl:10} {r['mibs']:8.1f} MiB/s {r['iops']:9.0f} IOPS "
-                                f"p50 {r['p50_us']:7.1f} us p99 {r['p99_us']:8.1f} us")
-                        except BenchError as e:
-                            cell["errors"].append(str(e))
-                            log(f"  {io:8} {wl:10} n/a: {e}")
-            remove_tree(d)
+        live = {}
+        with contextlib.ExitStack() as stack:
+            for key in targets:
+                d = os.path.join(work, f"fio-{key}-{rep}")
+                stack.callback(remove_tree, d)
+                log(f"fio rep {rep + 1}/{cfg.reps}: starting {TARGET_LABEL[key]}")
+                try:
+                    t, path = _start_fio_target(key, d, cfg.fio_size)
+                except Exception as e:
+                    log(f"  cannot start {key}: {e}")
+                    tres = out["targets"].setdefault(key, {})
+                    for io in ("direct", "buffered"):
+                        for wl in WORKLOADS:
+                            tres.setdefault(io, {}).setdefault(wl, {"runs": [], "errors": []})[
+                                "errors"].append(f"start failed: {e}")
+                    continue
+                stack.enter_context(running(t))
+                live[key] = (t, path)
+            order = [targets[(i + rep) % len(targets)] for i in range(len(targets))]
+            for io in ("direct", "buffered"):
+                for wl in WORKLOADS:
+                    log(f"fio rep {rep + 1}/{cfg.reps}: {DESCRIPTION[wl]}, {io}")
+                    for key in order:
+                        if key in live:
+                            _fio_job(cfg, out["targets"].setdefault(key, {}), key, *live[key], io, wl)
+
+
+def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str) -> None:
+    """One fio job on one target, recorded (or its error) in tres[io][wl]."""
+    cell = tres.setdefault(io, {}).setdefault(wl, {"runs": [], "errors": []})
+    try:
+        for p in getattr(t, "procs", {}).values():
+            p.check_alive()
+        _quiesce(t)
+        cpu0 = _cpu_of(t)
+        r = run_fio(path, job_options(wl, cfg.fio_size, cfg.runtime), direct=(io == "direct"))
+        r["daemon_cpu_s"] = _cpu_delta(cpu0, _cpu_of(t))
+        cell["runs"].append(r)
+        log(f"  {TARGET_LABEL[key]:24} {r['mibs']:8.1f} MiB/s {r['iops']:9.0f} IOPS "
+            f"p50 {r['p50_us']:7.1f} us p99 {r['p99_us']:8.1f} us")
+    except BenchError as e:
+        cell["errors"].append(str(e))
+        log(f"  {TARGET_LABEL[key]:24} n/a: {e}")
 
 
 def _quiesce(target) -> None:
