@@ -142,16 +142,18 @@ def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
                     log(f"fio rep {rep + 1}/{cfg.reps}: {DESCRIPTION[wl]}, {io}")
                     for key in order:
                         if key in live:
-                            _fio_job(cfg, out["targets"].setdefault(key, {}), key, *live[key], io, wl)
+                            _fio_job(cfg, out["targets"].setdefault(key, {}), key, *live[key], io, wl,
+                                     everyone=[t for t, _ in live.values()])
 
 
-def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str) -> None:
-    """One fio job on one target, recorded (or its error) in tres[io][wl]."""
+def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, everyone: list) -> None:
+    """One fio job on one target, recorded (or its error) in tres[io][wl].
+    `everyone`: all targets running now, quiesced first."""
     cell = tres.setdefault(io, {}).setdefault(wl, {"runs": [], "errors": []})
     try:
         for p in getattr(t, "procs", {}).values():
             p.check_alive()
-        _quiesce(t)
+        _quiesce(everyone)
         cpu0 = _cpu_of(t)
         r = run_fio(path, job_options(wl, cfg.fio_size, cfg.runtime), direct=(io == "direct"))
         r["daemon_cpu_s"] = _cpu_delta(cpu0, _cpu_of(t))
@@ -163,13 +165,19 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str) 
         log(f"  {TARGET_LABEL[key]:24} n/a: {e}")
 
 
-def _quiesce(target) -> None:
-    """Start every fio job from a quiet machine: no replication still running
-    from the job before (repdisk's async mode may hold up to --async-queue
-    unsent), no dirty page cache left for writeback to flush during the job.
-    Each job is then charged for its own work only, in time and in CPU."""
-    if hasattr(target, "quiesce"):
-        target.quiesce()
+def _quiesce(targets: list) -> None:
+    """Start every fio job from a quiet machine: no target still replicating
+    what an earlier job wrote (repdisk's async mode may hold up to
+    --async-queue unsent when a time-based job ends, and the target measured
+    next is another one), no dirty page cache left for writeback to flush
+    during the job.  Each job is then charged for its own work only, in time
+    and in CPU."""
+    for t in targets:
+        if hasattr(t, "quiesce"):
+            t0 = time.monotonic()
+            t.quiesce()
+            if time.monotonic() - t0 > 0.05:
+                log(f"  waited {time.monotonic() - t0:.2f} s for {t} to finish replicating")
     _settle_writeback()
 
 

@@ -364,6 +364,9 @@ class RepdiskPair:
     def checkpoint(self) -> tuple[float, float]:
         return self.command("primary", "checkpoint"), self.command("secondary", "checkpoint")
 
+    def __str__(self) -> str:
+        return f"repdisk {self.mode} {self.transport} pair"
+
     def quiesce(self, timeout: float = 300) -> None:
         """Wait until the primary has no request to the secondary outstanding,
         so that the next measurement does not pay for the last one's tail."""
