@@ -111,7 +111,7 @@ TARGET_LABEL = {
 def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
     """Each repetition starts every target at once (an idle target costs no
     CPU), then runs each job on all of them back to back, in an order rotated
-    per repetition.  So repdisk and QEMU are measured seconds apart rather
+    per repetition (so that each target is measured early, midway and late).  So repdisk and QEMU are measured seconds apart rather
     than minutes, and the drift of this machine's outside load (rates move
     20-50% over minutes) hits them alike.  Each target still sees the jobs in
     the same order (direct, then buffered; WORKLOADS order)."""
@@ -136,7 +136,14 @@ def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
                     continue
                 stack.enter_context(running(t))
                 live[key] = (t, path)
-            order = [targets[(i + rep) % len(targets)] for i in range(len(targets))]
+            # Rotate by a third (for 3 repetitions) of the list, not by one: each
+            # target then runs early, midway and late once.  Position seems to
+            # matter for the 512 MiB jobs: in bench-20261127-110005 (rotated by
+            # one) the three targets that ran last in every repetition spent
+            # 2-3x the system time per MiB of the others on the 1 MiB direct
+            # job, while alone the view, one of them, matched the floor.
+            step = max(1, len(targets) // cfg.reps)
+            order = [targets[(i + rep * step) % len(targets)] for i in range(len(targets))]
             for io in ("direct", "buffered"):
                 for wl in WORKLOADS:
                     log(f"fio rep {rep + 1}/{cfg.reps}: {DESCRIPTION[wl]}, {io}")
