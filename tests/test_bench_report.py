@@ -4,6 +4,8 @@ its ratio to QEMU, from fio results shaped like the ones tools/bench records."""
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 
 from benchlib import report  # noqa: E402
@@ -31,11 +33,19 @@ def test_cpu_per_io_is_the_median_of_each_process_per_io_in_microseconds():
             run(10000, 10000, (0.1, 0.1), primary=(1.1, 0.3), secondary=(0.2, 0.2))]
     c = report.cpu_per_io(runs)
     # per run, µs per I/O: fio 10+20 / 10+10 / 10+10; primary 100+30 / 90+40 / 110+30
-    assert c["parts"]["fio"] == [10, 10]
-    assert c["parts"]["primary"] == [100, 30]
-    assert c["parts"]["secondary"] == [20, 20]
+    assert c["parts"]["fio"] == pytest.approx([10, 10])
+    assert c["parts"]["primary"] == pytest.approx([100, 30])
+    assert c["parts"]["secondary"] == pytest.approx([20, 20])
     # totals per run: 30+130+40=200, 20+130+40=190, 20+140+40=200
-    assert (c["total_us"], c["total_min"], c["total_max"]) == (200, 190, 200)
+    assert (c["total_us"], c["total_min"], c["total_max"]) == pytest.approx((200, 190, 200))
+
+
+def test_a_process_missing_from_some_runs_is_left_out_of_parts_and_total():
+    runs = [run(1, 1000, (0.01, 0.01), primary=(0.1, 0.0), secondary=(0.05, 0.0)),
+            run(1, 1000, (0.01, 0.01), primary=(0.1, 0.0))]  # the secondary was gone
+    c = report.cpu_per_io(runs)
+    assert set(c["parts"]) == {"fio", "primary"}
+    assert c["total_us"] == pytest.approx(120)
 
 
 def test_runs_without_cpu_figures_give_none():
@@ -49,9 +59,9 @@ def test_rows_carry_cpu_and_its_ratio_to_qemu():
                   [run(10000, 30000, (0.6, 0.6), primary=(3.0, 1.2), secondary=(0.6, 0.6))])
     rows = {r["key"]: r for r in report.summarize_all(res)["rows"]
             if r["section"] == "fio" and r["workload"] == "randwrite" and r["io"] == "direct"}
-    assert rows["qemu-pri"]["cpu"]["total_us"] == 200  # 40 + 80 + 80
+    assert rows["qemu-pri"]["cpu"]["total_us"] == pytest.approx(200)  # 40 + 80 + 80
     assert "xQEMU" not in rows["qemu-pri"]["cpu"]
-    assert rows["rd-async-tcp"]["cpu"]["total_us"] == 220  # 40 + 140 + 40
+    assert rows["rd-async-tcp"]["cpu"]["total_us"] == pytest.approx(220)  # 40 + 140 + 40
     assert abs(rows["rd-async-tcp"]["cpu"]["xQEMU"] - 1.1) < 1e-9
     assert abs(rows["rd-async-tcp"]["ratios"]["xQEMU"] - 1.25) < 1e-9
     text = report.table({"meta": {"started": "t", "git": "g", "quick": True, "config": {"reps": 1},

@@ -180,7 +180,7 @@ def cpu_per_io(runs: list[dict]) -> dict | None:
     names = [k for k in per_run[0] if all(k in p for p in per_run)]
     parts = {k: [summarize([p[k][0] for p in per_run])["median"],
                  summarize([p[k][1] for p in per_run])["median"]] for k in names}
-    total = summarize([sum(u + sy for u, sy in p.values()) for p in per_run])
+    total = summarize([sum(p[k][0] + p[k][1] for k in names) for p in per_run])
     return {"parts": parts, "total_us": total["median"], "total_min": total["min"],
             "total_max": total["max"]}
 

@@ -351,15 +351,19 @@ class RepdiskPair:
         return st
 
     def wait_state(self, role: str, state: str, timeout: float, interval: float = 0.002) -> dict:
-        bad = {"degraded", "standalone"} - {state}
+        return self._wait_status(role, lambda st: st.get("state") == state, f"state {state}",
+                                 timeout, interval, failed={"degraded", "standalone"} - {state})
 
+    def _wait_status(self, role: str, ok, what: str, timeout: float, interval: float,
+                     failed=frozenset(("degraded", "standalone"))) -> dict:
+        """Poll `role`'s status until ok(status); a state in `failed` ends the wait."""
         def check():
             st = self._try_status(role)
-            if st and st.get("state") in bad:
-                raise BenchError(f"{role} went {st.get('state')} waiting for {state}: "
+            if st and st.get("state") in failed:
+                raise BenchError(f"{role} went {st.get('state')} waiting for {what}: "
                                  f"{st.get('error')}")
-            return st if st and st.get("state") == state else None
-        return wait_for(check, timeout, f"{role} state {state}", interval)
+            return st if st and ok(st) else None
+        return wait_for(check, timeout, f"{role} {what}", interval)
 
     def checkpoint(self) -> tuple[float, float]:
         return self.command("primary", "checkpoint"), self.command("secondary", "checkpoint")
@@ -370,12 +374,8 @@ class RepdiskPair:
     def quiesce(self, timeout: float = 300) -> None:
         """Wait until the primary has no request to the secondary outstanding,
         so that the next measurement does not pay for the last one's tail."""
-        def idle():
-            st = self._try_status("primary")
-            if st and st.get("state") in ("degraded", "standalone"):
-                raise BenchError(f"primary went {st['state']}: {st.get('error')}")
-            return st is not None and st.get("inflight_requests") == 0
-        wait_for(idle, timeout, "the primary's replication to go idle", interval=0.01)
+        self._wait_status("primary", lambda st: st.get("inflight_requests") == 0,
+                          "replication to go idle", timeout, interval=0.01)
 
     def hidden_bytes(self) -> int:
         return int(self.status("secondary")["hidden_bytes"])
