@@ -365,6 +365,8 @@ class ReplicaLink:
         fd = self._fd
         wait_readable = trio.lowlevel.wait_readable
         while True:
+            if self._gone(h):
+                return
             await wait_readable(fd)
             try:
                 self._read_replies(h)
@@ -406,6 +408,8 @@ class ReplicaLink:
         while True:
             await self._want_write.wait()
             self._want_write = trio.Event()
+            if self._gone(h):
+                return
             try:
                 while h.aio_get_direction() & _WRITE_DIR:
                     await trio.lowlevel.wait_writable(fd)
@@ -420,6 +424,16 @@ class ReplicaLink:
             self._reader_kick.set()
             if self._stopped_by_peer(h):
                 return
+
+    def _gone(self, h) -> bool:
+        """Before waiting on the socket: the link failed, or the handle died
+        (and closed the socket) in a call that did not raise.  Waiting on a
+        closed descriptor would crash the loop."""
+        if self._dead():
+            return True
+        if h.aio_is_dead() or h.aio_is_closed():
+            return self._stopped_by_peer(h)
+        return False
 
     def _stopped_by_peer(self, h) -> bool:
         """After aio_disconnect the handle ends up closed: stop run().  A handle
