@@ -33,6 +33,26 @@ def _block_size(text: str) -> int:
     return n
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return n
+
+
+def _millis(text: str) -> float:
+    try:
+        ms = float(text)
+    except ValueError:
+        ms = -1.0
+    if not 0 <= ms <= 1000:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds from 0 to 1000")
+    return ms
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="repdisk", description="Replicated virtual disk (COLO-style block replication) over FUSE and NBD.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -55,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--secondary", required=True, help="NBD URI of the secondary, e.g. nbd://127.0.0.1:10809 or 'nbd+unix:///?socket=/run/x.sock'")
     pr.add_argument("--mode", choices=("sync", "async"), default="sync", help="sync: a write returns after the secondary has it (default); async: after the local write")
     pr.add_argument("--async-queue", type=_size, default=64 << 20, help="async mode: bytes replication may trail behind (default 64M)")
+    pr.add_argument("--async-batch", type=_count, default=64, help="async mode: small writes sent to the secondary "
+                    "together, up to this many (default 64; 0 or 1: each at once)")
+    pr.add_argument("--async-batch-delay", type=_millis, default=5.0, help="async mode: milliseconds the first write "
+                    "of a batch may wait for others (default 5; 0: no batching); a checkpoint or flush sends at once")
     pr.add_argument("--assume-synced", action="store_true", help="skip the initial full sync (the images are known identical)")
     pr.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the secondary at start (default 10)")
     pr.add_argument("--io-timeout", type=float, default=10.0, help="seconds without any reply from the secondary, "

@@ -162,6 +162,8 @@ def test_concurrent_writers_replicate(nodes, tmp_path):
     pri.command("checkpoint")
     sec.command("checkpoint")
     assert read_file(sec.disk) == read_file(pri.disk)
+    link = pri.status()["link"]
+    assert link["batched_requests"] > link["batches"] > 0  # async writes went out in batches
 
 
 @pytest.mark.parametrize("flag", [False, True])

@@ -586,15 +586,17 @@ def _op():
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(_op(), max_size=60), max_requests=st.sampled_from([1, 3, 64]))
-def test_ops_match_model(model_server, ops, max_requests):
+@given(ops=st.lists(_op(), max_size=60), max_requests=st.sampled_from([1, 3, 64]), batch=st.sampled_from([0, 2, 5]))
+def test_ops_match_model(model_server, ops, max_requests, batch):
     """Any sequence of unaligned writes/zeros/trims/flushes/reads issued
-    back to back (wait=False mostly) reads back like a bytearray."""
+    back to back (wait=False mostly) reads back like a bytearray, with or
+    without batching."""
 
     async def main():
         model = bytearray(MODEL_SIZE)
         async with trio.open_nursery() as nursery:
             link = await open_link(nursery, model_server.uri, max_requests=max_requests)
+            link.set_batching(batch, 0.002)
             await link.zero(0, MODEL_SIZE)
             for kind, offset, length, wait, fill in ops:
                 length = min(length, MODEL_SIZE - offset)
@@ -611,6 +613,94 @@ def test_ops_match_model(model_server, ops, max_requests):
             assert await link.read(0, MODEL_SIZE) == model
             assert link.failed is None
             await link.close()
+
+    run(main)
+
+
+def test_batching_holds_writes_until_full_late_or_waited_for(servers):
+    """set_batching(4, ...): writes nobody waits for are held (admitted,
+    counted as outstanding, not sent) until four are held, the delay passed,
+    or something waits for the link; the data comes out right."""
+    server = servers(nbdkit(4 * MiB))
+
+    async def main():
+        model = bytearray(4 * MiB)
+
+        async def write(data, offset, **kw):
+            model[offset : offset + len(data)] = data
+            await link.write(data, offset, **kw)
+
+        def sent():
+            return link.statistics()["write"]["submitted"]
+
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            link.set_batching(4, 3600.0)  # only "full" and "waited for" send
+            for i in range(3):
+                await write(bytes([i + 1]) * 4096, i * 8192, wait=False)
+            assert (sent(), link.inflight_requests) == (0, 3)
+            await write(b"\x04" * 4096, 100, wait=False)  # overlaps the first: held back, not batched
+            assert (sent(), link.inflight_requests) == (0, 4)
+            await write(b"\x05" * 4096, 3 * 8192, wait=False)  # the fourth in the batch: all go
+            assert sent() == 4 and link.statistics()["batches"] == 1
+            await write(b"\x06" * 10, MiB, wait=False)
+            await write(b"\x07" * 10, MiB + 1, wait=False)  # overlaps the held one: waits for it
+            assert sent() < 7
+            await link.settle()  # a waiter sends the batch at once
+            assert sent() == 7 and link.inflight_requests == 0
+            await write(b"\x08" * 10, 2 * MiB, wait=False)
+            await write(b"\x09" * 10, 2 * MiB + 20, wait=True)  # a write that waits goes after the held one
+            assert sent() == 9
+            stats = link.statistics()
+            assert (stats["batches"], stats["batched_requests"]) == (3, 6)
+            link.set_batching(4, 0.01)  # now the delay sends a lone write
+            await write(b"\x0a" * 10, 3 * MiB, wait=False)
+            while link.inflight_requests:  # liveness only: fail_after bounds it
+                await trio.sleep(0.005)
+            assert sent() == 10 and link.statistics()["batches"] == 4
+            await write(b"\x0b" * 10, 3 * MiB + 5, wait=False)
+            link.set_batching(0, 0)  # turning it off sends what is held
+            assert sent() == 11
+            assert await link.read(0, 4 * MiB) == model
+            await link.close()
+
+    run(main)
+
+
+def test_batched_writes_are_reported_when_the_link_fails(servers):
+    """Held writes count like writes in flight: when the first request sent
+    fails (the server died), every held range goes to on_failure."""
+    server = servers(nbdkit(MiB))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            failures = link.on_failure = Failures()
+            link.set_batching(8, 3600.0)
+            for i in range(5):
+                await link.write(b"h" * 512, i * 4096, wait=False)
+            server.kill()
+            with pytest.raises(ReplicaError):
+                await link.drain()
+        assert sorted(failures.ranges) == [(i * 4096, 512) for i in range(5)]
+        assert link.inflight_requests == 0
+
+    run(main)
+
+
+def test_close_sends_held_writes_first(servers):
+    server = servers(nbdkit(MiB))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            link.set_batching(8, 3600.0)
+            await link.write(b"c" * 100, 300, wait=False)
+            await link.close()
+            assert link.statistics()["write"]["completed"] == 1
+            check = await open_link(nursery, server.uri)
+            assert await check.read(300, 100) == b"c" * 100
+            await check.close()
 
     run(main)
 

@@ -35,6 +35,21 @@ for the node) becomes readable, when libnbd still has output to send, or
 when a poll times out.  So the loop is not held while another FUSE request
 waits, and never for more than 4 x `ms`.
 
+Batching (async mode)
+---------------------
+A request at a time costs the primary a trio round per reply and the
+secondary a read per request; a batch of requests in flight costs a fraction
+of that per request.  At queue depth 1 an async primary never has more than
+one request at the server, so with set_batching(n, delay) writes that nobody
+waits for are held, admitted and indexed but not yet handed to libnbd, and
+sent together (writes of at most BATCH_MAX_WRITE bytes; a larger one
+sends the batch and itself at once): when n are held, `delay` seconds after the first one was
+held, or at once when anything waits for the link (a write with wait=True,
+flush, settle, drain, close, a request waiting for admission).  Held
+requests count as outstanding (inflight_requests); a failure of the link
+reports them like requests in flight.  Replication trails the local disk by
+at most `delay` more.
+
 Ordering and flow control
 -------------------------
 NBD servers may run concurrent requests in any order, so a write/zero/trim
@@ -91,6 +106,7 @@ CHUNK = 4 << 20  # the largest write/read sent as one NBD request
 ZERO_CHUNK = 1 << 30  # the largest zero/trim sent as one NBD request
 DEFAULT_MAX_BLOCK = 32 << 20  # NBD's default maximum payload when the server says nothing
 _STRIPE_SHIFT = 20  # the overlap index groups requests by 1 MiB stripe
+BATCH_MAX_WRITE = 64 << 10  # larger writes are never held: their cost is their bytes, not the round
 
 _WRITE, _ZERO, _TRIM, _FLUSH, _READ = "write", "zero", "trim", "flush", "read"
 _KINDS = (_WRITE, _ZERO, _TRIM, _FLUSH, _READ)
@@ -203,6 +219,14 @@ class ReplicaLink:
         self._inline_poll = None
         self._inline_done = 0  # replies handled by an inline wait
 
+        self._batch_max = 0  # set_batching: 0 = off
+        self._batch_delay = 0.0
+        self._batch = []  # admitted requests whose submission is deferred, in start order
+        self._batch_kick = trio.Event()  # wakes the batcher when a batch opens
+        self._batch_timer = None  # the batcher's wait, while it waits
+        self._batches = 0  # batches sent
+        self._batched = 0  # requests sent in them
+
         self._ctr = {k: _Counters() for k in _KINDS}
         self._wctr = self._ctr[_WRITE]
         self._max_depth = 0
@@ -237,6 +261,8 @@ class ReplicaLink:
             held_back=self._held_back,  # requests that waited for an overlapping one
             failures=self._failures,  # requests reported to on_failure
             inline_replies=self._inline_done,  # sync writes answered while waiting inline
+            batches=self._batches,  # set_batching: batches sent, and the requests in them
+            batched_requests=self._batched,
             failed=str(self.failed) if self.failed is not None else None,
         )
         return stats
@@ -250,6 +276,18 @@ class ReplicaLink:
         else:
             self._inline_ms, self._inline_wake = int(ms), wake_fd
         self._inline_poll = None
+
+    def set_batching(self, max_requests: int, delay: float) -> None:
+        """Hold writes that nobody waits for (wait=False, at most
+        BATCH_MAX_WRITE bytes) and send them together: when `max_requests` are held, `delay` seconds
+        after the first, or as soon as anyone waits for the link (module doc,
+        "Batching").  max_requests <= 1 turns it off."""
+        self._batch_max = max_requests if max_requests > 1 and delay > 0 else 0
+        self._batch_delay = delay
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()  # the batcher sends what is held now
+        if not self._batch_max:
+            self._send_batch()
 
     # -- connecting -----------------------------------------------------------
 
@@ -350,6 +388,7 @@ class ReplicaLink:
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._writer)
+                nursery.start_soon(self._batcher)
                 task_status.started()
         finally:
             self._running = False
@@ -425,6 +464,30 @@ class ReplicaLink:
             if self._stopped_by_peer(h):
                 return
 
+    async def _batcher(self) -> None:
+        while True:
+            await self._batch_kick.wait()
+            self._batch_kick = trio.Event()
+            with trio.move_on_after(self._batch_delay) as self._batch_timer:
+                await trio.sleep_forever()
+            self._batch_timer = None
+            self._send_batch()
+
+    def _send_batch(self) -> None:
+        """Submit the held requests, in start order."""
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        self._batches += 1
+        self._batched += len(batch)
+        for req in batch:
+            if self._dead():
+                return  # _abort_all failed them all
+            self._submit(req)
+        if self._replies:
+            self._process_replies()
+
     def _gone(self, h) -> bool:
         """Before waiting on the socket: the link failed, or the handle died
         (and closed the socket) in a call that did not raise.  Waiting on a
@@ -497,7 +560,7 @@ class ReplicaLink:
         else:
             self._nreq += 1
             self._nbytes += length
-            self._start(req)
+            self._start(req, not wait and self._batch_max and length <= BATCH_MAX_WRITE)
             if wait and self._inline_ms and self._sent == 1 and not req.done:
                 self._wait_inline(req)
         if req.then_error is not None:
@@ -735,6 +798,9 @@ class ReplicaLink:
         request started: _pump starts admitted requests itself, in queue
         order, because trio runs the tasks it wakes together in any order (and
         overlapping requests go on the wire in the order they were started)."""
+        self._send_batch()  # what we wait for may be in it
+        if self._dead():  # sending it failed the link
+            self._admit_failed(req, report_end, self._down_error())
         entry = [trio.lowlevel.current_task(), req, False]
         self._admit_q.append(entry)
 
@@ -759,10 +825,11 @@ class ReplicaLink:
             self._report(req.offset, report_end - req.offset, err)
         raise err
 
-    def _start(self, req) -> None:
+    def _start(self, req, hold=False) -> None:
         """Index an admitted request and send it unless an overlapping earlier
-        one is outstanding.  Runs right after admission, with no await in
-        between: the index must always match what was admitted."""
+        one is outstanding; `hold`: add it to the batch instead (set_batching).
+        Runs right after admission, with no await in between: the index must
+        always match what was admitted."""
         if self._nreq > self._max_outstanding:
             self._max_outstanding = self._nreq
         if self._nbytes > self._max_inflight_bytes:
@@ -772,7 +839,16 @@ class ReplicaLink:
         self._active[seq] = req
         if req.op is not _FLUSH and self._index(req):
             self._held_back += 1
+        elif hold:
+            batch = self._batch
+            batch.append(req)
+            if len(batch) >= self._batch_max:
+                self._send_batch()
+            elif len(batch) == 1:
+                self._batch_kick.set()
         else:
+            if self._batch:
+                self._send_batch()  # the wire keeps start order
             self._submit(req)
         if req.then is not None:
             # The caller's `then` runs here, when the request is started (sent, or
@@ -947,6 +1023,8 @@ class ReplicaLink:
 
     async def _wait_req(self, req) -> None:
         if not req.done:
+            self._send_batch()  # req may be in it (and fail or be answered right there)
+        if not req.done:
             req.task = trio.lowlevel.current_task()
 
             def abort(_):
@@ -959,6 +1037,11 @@ class ReplicaLink:
 
     async def _wait_cond(self, predicate) -> None:
         """Park until predicate() holds (checked after replies) or the link ends."""
+        self._send_batch()  # what we wait for may be in it
+        if self.failed is not None:
+            raise self._down_error()
+        if predicate():
+            return
         entry = [predicate, trio.lowlevel.current_task()]
         self._cond_waiters.append(entry)
 
@@ -1004,6 +1087,7 @@ class ReplicaLink:
         active = list(self._active.values())
         self._active.clear()
         self._stripes.clear()
+        self._batch = []
         self._nreq = self._nbytes = self._sent = 0
         for req in active:
             req.done = True

@@ -37,6 +37,8 @@ SYNC_CHUNK = 4 << 20  # bytes per sync request
 AL_SHIFT = 22  # activity-log extent: 4 MiB
 AL_SLOTS = 1024  # extents kept active: a crash costs at most 1024 x 4 MiB = 4 GiB of resync
 INLINE_WAIT_MS = 2  # sync mode: how long a lone write may block the loop for its reply
+SYNC_MAX_REQUESTS = 64  # requests the link keeps in flight, sync mode (the (re)sync pipelines)
+ASYNC_MAX_REQUESTS = 256  # async mode: room for full batches while the last ones are answered
 VERIFY_CHUNK = 16 << 20  # bytes compared at a time (4 pipelined NBD reads)
 
 
@@ -55,12 +57,14 @@ class PrimaryNode:
                  async_queue: int = 64 << 20, assume_synced: bool = False, connect_timeout: float = 10.0,
                  link_factory=None, meta_path: str | None = None, al_path: str | None = None,
                  al_extents: int = AL_SLOTS, io_timeout: float = 10.0, resync_rate: int = 0,
-                 checkpoint_flush: bool = False):
+                 checkpoint_flush: bool = False, batch: int = 64, batch_delay: float = 0.005):
         self.image = image
         self.geometry = Geometry(image.size, block_size)
         self.uri = uri
         self.mode = mode
         self.async_queue = async_queue
+        self.batch = batch  # async mode: writes sent together (ReplicaLink.set_batching); 1 = off
+        self.batch_delay = batch_delay  # seconds the first of them may wait
         self.connect_timeout = connect_timeout
         self.state = st.P_CONNECTING
         self.epoch = 0
@@ -130,6 +134,13 @@ class PrimaryNode:
     def _inline_wait(self, link) -> None:
         if hasattr(link, "set_inline_wait"):
             link.set_inline_wait(INLINE_WAIT_MS if self.mode == "sync" else 0, self._fuse_fd)
+
+    def _batching(self, link) -> None:
+        """Async mode sends writes in batches: one trio round and one server
+        read per batch instead of per write (ReplicaLink module doc).  Sync
+        mode waits for every write, so there is nothing to batch."""
+        if hasattr(link, "set_batching"):
+            link.set_batching(self.batch if self.mode == "async" else 0, self.batch_delay)
 
     @property
     def size(self) -> int:
@@ -271,7 +282,8 @@ class PrimaryNode:
             return self._link_factory(uri)
         from ..edge.replica import ReplicaLink
 
-        return ReplicaLink(uri, max_requests=64, max_bytes=self.async_queue)
+        return ReplicaLink(uri, max_requests=ASYNC_MAX_REQUESTS if self.mode == "async" else SYNC_MAX_REQUESTS,
+                           max_bytes=self.async_queue)
 
     async def connect(self):
         """Connect to the secondary, telling it who we are (export name) and
@@ -415,6 +427,7 @@ class PrimaryNode:
         self._link_down = trio.Event()
         self.link = link
         self._inline_wait(link)
+        self._batching(link)
         self.attempts = 0
         self.reconnect_error = None
         try:
