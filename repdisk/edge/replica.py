@@ -41,14 +41,14 @@ A request at a time costs the primary a trio round per reply and the
 secondary a read per request; a batch of requests in flight costs a fraction
 of that per request.  At queue depth 1 an async primary never has more than
 one request at the server, so with set_batching(n, delay) writes that nobody
-waits for are held, admitted and indexed but not yet handed to libnbd, and
-sent together (writes of at most BATCH_MAX_WRITE bytes; a larger one
-sends the batch and itself at once): when n are held, `delay` seconds after the first one was
-held, or at once when anything waits for the link (a write with wait=True,
-flush, settle, drain, close, a request waiting for admission).  Held
-requests count as outstanding (inflight_requests); a failure of the link
-reports them like requests in flight.  Replication trails the local disk by
-at most `delay` more.
+waits for (wait=False, at most BATCH_MAX_WRITE bytes) are held: admitted and
+indexed, but not yet handed to libnbd.  The batch goes out, in start order,
+when n are held, `delay` seconds after it opened, or at once when anything
+else is started (a larger write, zero, trim, read: the wire keeps start
+order) or waits for the link (a write with wait=True, flush, settle, drain,
+close, a request waiting for admission).  Held requests count as outstanding
+(inflight_requests); a failure of the link reports them like requests in
+flight.  Replication trails the local disk by at most `delay` more.
 
 Ordering and flow control
 -------------------------
@@ -278,10 +278,10 @@ class ReplicaLink:
         self._inline_poll = None
 
     def set_batching(self, max_requests: int, delay: float) -> None:
-        """Hold writes that nobody waits for (wait=False, at most
-        BATCH_MAX_WRITE bytes) and send them together: when `max_requests` are held, `delay` seconds
-        after the first, or as soon as anyone waits for the link (module doc,
-        "Batching").  max_requests <= 1 turns it off."""
+        """Hold small writes that nobody waits for and send them together:
+        when `max_requests` are held, `delay` seconds after the first, or as
+        soon as anything waits for the link (module doc, "Batching").
+        max_requests <= 1 or delay <= 0 turns it off (and sends what is held)."""
         self._batch_max = max_requests if max_requests > 1 and delay > 0 else 0
         self._batch_delay = delay
         if self._batch_timer is not None:
