@@ -33,24 +33,19 @@ def _block_size(text: str) -> int:
     return n
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
-    return n
+def _number(convert, low, high, what):
+    """An argparse type: `convert` (int or float) the text, within [low, high]."""
 
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
 
-def _millis(text: str) -> float:
-    try:
-        ms = float(text)
-    except ValueError:
-        ms = -1.0
-    if not 0 <= ms <= 1000:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds from 0 to 1000")
-    return ms
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,17 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--secondary", required=True, help="NBD URI of the secondary, e.g. nbd://127.0.0.1:10809 or 'nbd+unix:///?socket=/run/x.sock'")
     pr.add_argument("--mode", choices=("sync", "async"), default="sync", help="sync: a write returns after the secondary has it (default); async: after the local write")
     pr.add_argument("--async-queue", type=_size, default=64 << 20, help="async mode: bytes replication may trail behind (default 64M)")
-    pr.add_argument("--async-batch", type=_count, default=64, help="async mode: small writes sent to the secondary "
+    pr.add_argument("--async-batch", type=_number(int, 0, 4096, "a batch size from 0 to 4096"), default=64, help="async mode: small writes sent to the secondary "
                     "together, up to this many (default 64; 0 or 1: each at once)")
-    pr.add_argument("--async-batch-delay", type=_millis, default=5.0, help="async mode: milliseconds the first write "
+    pr.add_argument("--async-batch-delay", type=_number(float, 0, 1000, "a delay from 0 to 1000 ms"), default=5.0, help="async mode: milliseconds the first write "
                     "of a batch may wait for others (default 5; 0: no batching); a checkpoint or flush sends at once")
     pr.add_argument("--assume-synced", action="store_true", help="skip the initial full sync (the images are known identical)")
-    pr.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the secondary at start (default 10)")
-    pr.add_argument("--io-timeout", type=float, default=10.0, help="seconds without any reply from the secondary, "
+    pr.add_argument("--connect-timeout", type=_number(float, 0.001, 86400, "a number of seconds from 0.001 to 86400"), default=10.0, help="seconds to wait for the secondary at start (default 10)")
+    pr.add_argument("--io-timeout", type=_number(float, 0, 86400, "a number of seconds from 0 to 86400"), default=10.0, help="seconds without any reply from the secondary, "
                     "requests in flight, before it is declared lost (default 10; 0: never)")
     pr.add_argument("--resync-rate", type=_size, default=0, help="bytes per second for (re)sync, e.g. 100M "
                     "(default: unlimited), so that a resync does not starve the VM")
-    pr.add_argument("--al-extents", type=int, default=1024, help="activity log: 4 MiB extents kept active; a crash "
+    pr.add_argument("--al-extents", type=_number(int, 0, 1 << 20, "a number of extents from 0 to 1048576"), default=1024, help="activity log: 4 MiB extents kept active; a crash "
                     "costs at most this many x 4 MiB of resync (default 1024 = 4 GiB; 0: no log, a crash costs a full sync)")
 
     pr.add_argument("--checkpoint-flush", action="store_true", help="every checkpoint also sends NBD FLUSH, so the "

@@ -133,6 +133,21 @@ def test_secondary_of_another_size_is_refused(nodes, tmp_path):
     assert sec.status()["state"] == "waiting"
 
 
+@pytest.mark.parametrize("option,value", [("--async-batch", "-3"), ("--async-batch", "many"),
+                                          ("--async-batch-delay", "nan"), ("--io-timeout", "-1"),
+                                          ("--connect-timeout", "0"), ("--al-extents", "1.5")])
+def test_bad_numbers_are_refused_before_anything_happens(tmp_path, option, value):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "repdisk", "primary", "--disk", str(tmp_path / "p.img"), "--size", "1M",
+                        "--mount", str(tmp_path / "m"), "--secondary", "nbd://127.0.0.1:1", option, value],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert f"argument {option}: {value!r} is not" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "p.img").exists() and not (tmp_path / "m").exists()
+
+
 def test_concurrent_writers_replicate(nodes, tmp_path):
     import threading
 
