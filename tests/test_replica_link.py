@@ -651,16 +651,21 @@ def test_batching_holds_writes_until_full_late_or_waited_for(servers):
             await write(b"\x08" * 10, 2 * MiB, wait=False)
             await write(b"\x09" * 10, 2 * MiB + 20, wait=True)  # a write that waits goes after the held one
             assert sent() == 9
+            await write(b"\x0c" * 10, 2 * MiB + 40, wait=False)
+            # Overlaps the held write, so it waits behind it instead of
+            # sending the batch: waiting must send the batch (no 3600 s wait).
+            await write(b"\x0d" * 10, 2 * MiB + 45, wait=True)
+            assert sent() == 11
             stats = link.statistics()
-            assert (stats["batches"], stats["batched_requests"]) == (3, 6)
+            assert (stats["batches"], stats["batched_requests"]) == (4, 7)
             link.set_batching(4, 0.01)  # now the delay sends a lone write
             await write(b"\x0a" * 10, 3 * MiB, wait=False)
             while link.inflight_requests:  # liveness only: fail_after bounds it
                 await trio.sleep(0.005)
-            assert sent() == 10 and link.statistics()["batches"] == 4
+            assert sent() == 12 and link.statistics()["batches"] == 5
             await write(b"\x0b" * 10, 3 * MiB + 5, wait=False)
             link.set_batching(0, 0)  # turning it off sends what is held
-            assert sent() == 11
+            assert sent() == 13
             assert await link.read(0, 4 * MiB) == model
             await link.close()
 

@@ -1023,7 +1023,9 @@ class ReplicaLink:
 
     async def _wait_req(self, req) -> None:
         if not req.done:
-            self._send_batch()  # req may be in it (and fail or be answered right there)
+            # What req waits for may be held: a request that overlaps a held
+            # one is held back behind it, not sent with the batch.
+            self._send_batch()
         if not req.done:
             req.task = trio.lowlevel.current_task()
 
