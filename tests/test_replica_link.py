@@ -19,7 +19,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from repdisk.edge.replica import CHUNK, ZERO_CHUNK, ReplicaError, ReplicaLink
+from repdisk.edge.replica import CHUNK, UNIX_SEND_BUFFER, ZERO_CHUNK, ReplicaError, ReplicaLink
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("nbdkit") and shutil.which("qemu-nbd")), reason="needs nbdkit and qemu-nbd"
@@ -174,6 +174,32 @@ def test_connect_description_qemu_nbd(servers, tmp_path):
         link = ReplicaLink(server.uri)
         await link.connect()
         assert (link.size, link.description) == (MiB, "qemu replica")
+        await link.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_unix_socket_gets_room_for_large_writes(servers, tcp):
+    """A unix socket's send buffer is widened (a 1 MiB write leaves in one
+    call); a TCP socket keeps the kernel's autotuned one."""
+    server = servers(nbdkit(8 * MiB), tcp=tcp)
+
+    async def main():
+        link = ReplicaLink(server.uri)
+        await link.connect()
+        with socket.socket(fileno=os.dup(link._fd)) as sk:
+            have = sk.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        if tcp:
+            assert link.send_buffer is None  # left to autotuning (often past 2 MiB on loopback)
+        else:
+            assert link.send_buffer == have
+            if os.geteuid() == 0:  # past net.core.wmem_max
+                assert have == UNIX_SEND_BUFFER
+            else:
+                with open("/proc/sys/net/core/wmem_max") as f:
+                    assert have == min(UNIX_SEND_BUFFER, 2 * int(f.read()))
+        assert link.statistics()["send_buffer"] == link.send_buffer
         await link.close()
 
     run(main)

@@ -90,6 +90,7 @@ import logging
 import os
 import re
 import select
+import socket
 
 import nbd
 import trio
@@ -107,6 +108,14 @@ ZERO_CHUNK = 1 << 30  # the largest zero/trim sent as one NBD request
 DEFAULT_MAX_BLOCK = 32 << 20  # NBD's default maximum payload when the server says nothing
 _STRIPE_SHIFT = 20  # the overlap index groups requests by 1 MiB stripe
 BATCH_MAX_WRITE = 64 << 10  # larger writes are never held: their cost is their bytes, not the round
+# A unix socket's default send buffer (~208 KiB) takes a fifth of a 1 MiB write:
+# the loop then feeds the rest while the local pwrite waits its turn, and the
+# secondary idles.  With room for a 1 MiB write and the next one's start the
+# request leaves in one call (1 MiB seq writes, tools/bench: +25-30%; 4 MiB
+# was no better, 8 MiB worse: the copies go to cache-cold memory).  TCP sizes
+# its own buffers (autotuning, which setting SO_SNDBUF would stop).
+UNIX_SEND_BUFFER = 2 << 20
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux's number; Python does not name it
 
 _WRITE, _ZERO, _TRIM, _FLUSH, _READ = "write", "zero", "trim", "flush", "read"
 _KINDS = (_WRITE, _ZERO, _TRIM, _FLUSH, _READ)
@@ -130,6 +139,27 @@ def _nbd_message(e: "nbd.Error") -> str:
 
 def _errname(err: int) -> str:
     return f"{_errno.errorcode.get(err, 'errno ' + str(err))} ({os.strerror(err)})"
+
+
+def _widen_unix_send_buffer(fd: int) -> int | None:
+    """Give a unix socket UNIX_SEND_BUFFER bytes of send buffer; return the
+    size it has, or None for other sockets, which keep theirs.  With
+    CAP_NET_ADMIN (as root) past net.core.wmem_max, as journald does for its
+    sockets; otherwise as much as that limit allows."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sk:
+            if sk.family != socket.AF_UNIX:
+                return None
+            if sk.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < UNIX_SEND_BUFFER:
+                want = UNIX_SEND_BUFFER // 2  # the kernel doubles it (its bookkeeping overhead)
+                try:
+                    sk.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, want)
+                except PermissionError:
+                    sk.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want)
+            return sk.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    except OSError as e:
+        log.warning("cannot size the replica socket's send buffer: %s", e)
+        return None
 
 
 class _Counters:
@@ -186,6 +216,7 @@ class ReplicaLink:
         self.max_bytes = max_bytes
         self.size = 0
         self.description = None
+        self.send_buffer = None  # bytes, for a unix socket (see UNIX_SEND_BUFFER)
         self.on_failure = None
         self.failed = None
 
@@ -263,6 +294,7 @@ class ReplicaLink:
             inline_replies=self._inline_done,  # sync writes answered while waiting inline
             batches=self._batches,  # set_batching: batches sent, and the requests in them
             batched_requests=self._batched,
+            send_buffer=self.send_buffer,
             failed=str(self.failed) if self.failed is not None else None,
         )
         return stats
@@ -354,14 +386,16 @@ class ReplicaLink:
         self._can_zero = bool(h.can_zero())
         self._can_trim = bool(h.can_trim())
         self._fd = h.aio_get_fd()
+        self.send_buffer = _widen_unix_send_buffer(self._fd)
         self._poll = select.poll()
         self._poll.register(self._fd, select.POLLIN)
         self._h = h
         self._refuse = self._closing
         log.info(
-            "replica link connected to %s: %d bytes, chunk %d, fua=%s flush=%s zero=%s trim=%s structured=%s",
+            "replica link connected to %s: %d bytes, chunk %d, fua=%s flush=%s zero=%s trim=%s structured=%s"
+            " send buffer %s",
             self.uri, self.size, self._chunk, self._can_fua, self._can_flush, self._can_zero,
-            self._can_trim, bool(h.get_structured_replies_negotiated()),
+            self._can_trim, bool(h.get_structured_replies_negotiated()), self.send_buffer,
         )
         min_block = h.get_block_size(nbd.SIZE_MINIMUM)
         if min_block > 1:
