@@ -1,7 +1,7 @@
 """The primary node in-process against a fake secondary (a bytearray behind
 the link interface): the activity log's bound after a crash, eviction while
 degraded, identity verdicts on reconnect, the resync rate limit.  Timers run
-on trio's autojump clock."""
+on trio's autojump clock.  The fsync test runs against a real NBD server."""
 
 import trio
 import trio.testing
@@ -269,3 +269,60 @@ def test_the_checkpoint_epoch_survives_a_restart(tmp_path):
     again = make_node(tmp_path, sec)
     assert again.epoch == 7 and again.status()["epoch"] == 7
     again.image.close()
+
+
+def test_fsync_runs_the_local_fsync_while_the_secondary_flushes(tmp_path):
+    """disk.img's fsync sends NBD FLUSH and fsyncs the local image while the
+    flush is in flight (the server holds it 1 s), not one after the other; a
+    failed local fsync still fails the call, after the flush, and leaves
+    replication running."""
+    import errno
+    import time
+
+    import pytest
+    from test_replica_link import Server
+
+    from repdisk.core.errors import IOFailure
+
+    # nbdkit's delay filter cannot hold flushes: a shell plugin sleeps in its flush
+    server = Server(["nbdkit", "--exit-with-parent", "-f", "eval", f"get_size=echo {SIZE}",
+                     "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+                     "pwrite=cat >/dev/null", "can_flush=exit 0", "flush=sleep 1"])
+    try:
+        image = RawImage.open(str(tmp_path / "pri.img"), SIZE)
+        node = PrimaryNode(image, uri=server.uri, io_timeout=0, assume_synced=True,
+                           meta_path=str(tmp_path / "pri.img.meta"), al_path=str(tmp_path / "pri.img.al"))
+        real_fsync = image.fsync
+        seen = []
+
+        def flushes():
+            f = node.link.statistics()["flush"]
+            return f["submitted"], f["completed"]
+
+        def watching_fsync():  # runs in a worker thread
+            deadline = time.monotonic() + 10
+            while flushes()[0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            seen.append(flushes())
+            real_fsync()
+
+        def failing_fsync():
+            seen.append(flushes())
+            raise IOFailure(f"fsync {image.path}", OSError(errno.EIO, "Input/output error"))
+
+        async def body(node):
+            await wait_state(node, st.P_REPLICATING)
+            await node.disk_write(4096, b"x" * 8192)
+            image.fsync = watching_fsync
+            await node.disk_fsync()
+            assert seen == [(1, 0)]  # the local fsync ran with the flush sent, not yet answered
+            assert flushes() == (1, 1)
+            image.fsync = failing_fsync
+            with pytest.raises(IOFailure) as raised:
+                await node.disk_fsync()
+            assert raised.value.errno == errno.EIO
+            assert flushes() == (2, 2) and node.state == st.P_REPLICATING
+
+        trio.run(run_node, node, body)
+    finally:
+        server.stop()
