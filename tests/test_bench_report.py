@@ -68,3 +68,16 @@ def test_rows_carry_cpu_and_its_ratio_to_qemu():
                                   "cpus": 2, "kernel": "k", "qemu": "q", "repdisk": True}},
                         report.summarize_all(res))
     assert "== CPU per I/O ==" in text and "pri 100+40" in text and "xQEMU 1.10" in text
+
+
+def test_a_run_of_some_workloads_reports_only_those():
+    """tools/bench --workloads seqwrite: the results hold that workload alone,
+    and the table has rows for it and none (empty) for the others."""
+    cell = {"runs": [run(300, 512, (0.1, 0.2), primary=(0.2, 0.3))], "errors": []}
+    res = {"fio": {"targets": {key: {io: {"seqwrite": cell} for io in ("direct", "buffered")}
+                               for key in ("qemu-pri", "rd-sync-unix")}, "labels": {}}}
+    rows = [r for r in report.summarize_all(res)["rows"] if r["section"] == "fio"]
+    assert {r["workload"] for r in rows} == {"seqwrite"}
+    assert len(rows) == 4  # 2 targets x direct/buffered
+    rd = [r for r in rows if r["key"] == "rd-sync-unix"]
+    assert all(abs(r["ratios"]["xQEMU"] - 1.0) < 1e-9 for r in rd)

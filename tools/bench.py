@@ -69,6 +69,7 @@ class Config:
                                 "rd-sync-tcp", "rd-async-tcp", "rd-sec"]
             self.ckpt_systems = ["qemu", "rd-sync", "rd-async"]
         self.rss_disk = 1 * TiB
+        self.fio_workloads = list(WORKLOADS)
 
     def as_dict(self):
         return {k: v for k, v in vars(self).items()}
@@ -114,7 +115,8 @@ def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
     per repetition (so that each target is measured early, midway and late).  So repdisk and QEMU are measured seconds apart rather
     than minutes, and the drift of this machine's outside load (rates move
     20-50% over minutes) hits them alike.  Each target still sees the jobs in
-    the same order (direct, then buffered; WORKLOADS order)."""
+    the same order (direct, then buffered; WORKLOADS order; --workloads may
+    pick some)."""
     out = res.setdefault("fio", {"targets": {}, "labels": TARGET_LABEL})
     targets = [t for t in cfg.fio_targets if have_repdisk or not t.startswith("rd-")]
     for rep in range(cfg.reps):
@@ -130,7 +132,7 @@ def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
                     log(f"  cannot start {key}: {e}")
                     tres = out["targets"].setdefault(key, {})
                     for io in ("direct", "buffered"):
-                        for wl in WORKLOADS:
+                        for wl in cfg.fio_workloads:
                             tres.setdefault(io, {}).setdefault(wl, {"runs": [], "errors": []})[
                                 "errors"].append(f"start failed: {e}")
                     continue
@@ -145,7 +147,7 @@ def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
             step = max(1, len(targets) // cfg.reps)
             order = [targets[(i + rep * step) % len(targets)] for i in range(len(targets))]
             for io in ("direct", "buffered"):
-                for wl in WORKLOADS:
+                for wl in cfg.fio_workloads:
                     log(f"fio rep {rep + 1}/{cfg.reps}: {DESCRIPTION[wl]}, {io}")
                     for key in order:
                         if key in live:
@@ -452,6 +454,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default=None,
                     help="fio targets, comma separated (default per mode): "
                          + ",".join(TARGET_LABEL))
+    ap.add_argument("--workloads", default=None,
+                    help="fio workloads, comma separated (default all): " + ",".join(WORKLOADS))
     ap.add_argument("--no-repdisk", action="store_true", help="measure only the plain file and QEMU")
     ap.add_argument("--out", default=os.path.join(REPO, "bench-results"), help="results directory")
     ap.add_argument("--keep-work", action="store_true", help="keep the work directory (debugging)")
@@ -474,6 +478,13 @@ def main(argv=None) -> int:
         bad = [t for t in cfg.fio_targets if t not in TARGET_LABEL]
         if bad:
             ap.error(f"unknown target(s) {bad}")
+
+    if args.workloads:
+        picked = [w.strip() for w in args.workloads.split(",")]
+        bad = [w for w in picked if w not in WORKLOADS]
+        if bad:
+            ap.error(f"unknown workload(s) {bad}; choose from {', '.join(WORKLOADS)}")
+        cfg.fio_workloads = [w for w in WORKLOADS if w in picked]
 
     have_repdisk, why = (False, "--no-repdisk") if args.no_repdisk else repdisk_available()
     if not have_repdisk:

@@ -48,7 +48,8 @@ def summarize_all(res: dict) -> dict:
     fio = res.get("fio", {}).get("targets", {})
     labels = res.get("fio", {}).get("labels", {})
     fio_summ: dict = {}
-    for wl in WORKLOADS:
+    ran = {wl for t in fio.values() for cells in t.values() for wl in cells}  # --workloads may pick some
+    for wl in [w for w in WORKLOADS if w in ran]:
         for io in ("direct", "buffered"):
             for key in [k for k in FIO_ORDER if k in fio]:
                 cell = fio[key].get(io, {}).get(wl, {"runs": [], "errors": []})
