@@ -473,17 +473,17 @@ def main(argv=None) -> int:
     if args.reps is not None and args.reps < 1:
         ap.error("--reps must be >= 1")
     cfg = Config(args.quick, args.reps)
-    if args.targets:
-        cfg.fio_targets = [t.strip() for t in args.targets.split(",")]
-        bad = [t for t in cfg.fio_targets if t not in TARGET_LABEL]
+    def pick(text, allowed, what):
+        picked = [x.strip() for x in text.split(",")]
+        bad = [x for x in picked if x not in allowed]
         if bad:
-            ap.error(f"unknown target(s) {bad}")
+            ap.error(f"unknown {what}(s) {bad}; choose from {', '.join(allowed)}")
+        return picked
 
+    if args.targets:
+        cfg.fio_targets = pick(args.targets, list(TARGET_LABEL), "target")
     if args.workloads:
-        picked = [w.strip() for w in args.workloads.split(",")]
-        bad = [w for w in picked if w not in WORKLOADS]
-        if bad:
-            ap.error(f"unknown workload(s) {bad}; choose from {', '.join(WORKLOADS)}")
+        picked = pick(args.workloads, WORKLOADS, "workload")
         cfg.fio_workloads = [w for w in WORKLOADS if w in picked]
 
     have_repdisk, why = (False, "--no-repdisk") if args.no_repdisk else repdisk_available()

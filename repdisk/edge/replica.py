@@ -111,8 +111,8 @@ BATCH_MAX_WRITE = 64 << 10  # larger writes are never held: their cost is their 
 # A unix socket's default send buffer (~208 KiB) takes a fifth of a 1 MiB write:
 # the loop then feeds the rest while the local pwrite waits its turn, and the
 # secondary idles.  With room for a 1 MiB write and the next one's start the
-# request leaves in one call (1 MiB seq writes, tools/bench: +25-30%; 4 MiB
-# was no better, 8 MiB worse: the copies go to cache-cold memory).  TCP sizes
+# request leaves in one call (fio 1 MiB seq writes on a unix pair: +25-30%;
+# 4 MiB was no better, 8 MiB worse: the copies go to cache-cold memory).  TCP sizes
 # its own buffers (autotuning, which setting SO_SNDBUF would stop).
 UNIX_SEND_BUFFER = 2 << 20
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux's number; Python does not name it

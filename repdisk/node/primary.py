@@ -625,8 +625,8 @@ class PrimaryNode:
 
     async def disk_fsync(self) -> None:
         """fsync of disk.img: the local image and, while replicating, NBD FLUSH
-        on the secondary, both at once (each writes a page cache back: after
-        a 512 MiB write, seconds each).  A failed flush degrades replication;
+        on the secondary, both at once (each writes a page cache back; on two
+        hosts the wait is the longer, not the sum).  A failed flush degrades replication;
         a failed local fsync fails the call, once the flush is over."""
         link = self.link
         if link is None or link.failed is not None or self.state not in (st.P_REPLICATING, st.P_SYNCING):
