@@ -473,6 +473,7 @@ def main(argv=None) -> int:
     if args.reps is not None and args.reps < 1:
         ap.error("--reps must be >= 1")
     cfg = Config(args.quick, args.reps)
+
     def pick(text, allowed, what):
         picked = [x.strip() for x in text.split(",")]
         bad = [x for x in picked if x not in allowed]
