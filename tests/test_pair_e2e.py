@@ -204,3 +204,35 @@ def test_checkpoint_flushes_only_when_asked(nodes, tmp_path, flag):
     assert flushes() == before + (2 if flag else 1)
     assert pri.command_errno("checkpoint later") == errno.EINVAL
     assert "checkpoint 'later'" in pri.status()["error"]
+
+
+def cached_pages(path: str) -> int:
+    """Pages of `path` in the page cache, by cachestat(2) (Linux 6.5)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    whole_file = (ctypes.c_uint64 * 2)(0, 0)  # struct cachestat_range {off, len}; len 0: to the end
+    stat = (ctypes.c_uint64 * 5)()  # struct cachestat: nr_cache first
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syscall(451, fd, whole_file, stat, 0) != 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOSYS:
+                pytest.skip("no cachestat(2) in this kernel")
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+    return stat[0]
+
+
+def test_disk_img_is_not_cached_twice(nodes, tmp_path):
+    """disk.img is direct I/O on both nodes (as QEMU's FUSE export): buffered
+    reads and writes reach repdisk as issued and the data sits in the page
+    cache once, as the image file's, not a second time as disk.img's."""
+    pri, sec = start_pair(nodes, tmp_path)
+    data = random.Random(5).randbytes(4 << 20)
+    for node in (pri, sec):
+        write_file(node.disk, data, 0)  # buffered: no O_DIRECT
+        assert read_file(node.disk, 0, len(data)) == data
+        assert cached_pages(node.disk) == 0, node.role
+    assert cached_pages(pri.image) >= len(data) // 4096  # where the data is cached

@@ -129,7 +129,10 @@ class DiskFS(pyfuse3.Operations):
     @fuse_errors
     async def open(self, inode, flags, ctx):
         if inode == DISK:
-            return pyfuse3.FileInfo(fh=DISK)
+            # Direct I/O, as QEMU's FUSE export: no second copy of the data in
+            # a page cache of disk.img (the image's is the one that counts), one
+            # copy less per buffered write, and nothing stale after a checkpoint.
+            return pyfuse3.FileInfo(fh=DISK, direct_io=True)
         if inode == CONTROL:
             fh = self._next_fh
             self._next_fh += 1
@@ -153,8 +156,13 @@ class DiskFS(pyfuse3.Operations):
     @fuse_errors
     async def write(self, fh, off, buf):
         if fh == DISK:
-            if off + len(buf) > self.node.size:
+            # As on a block device: a write across the end writes the part
+            # inside and returns a short count; one at or past the end fails.
+            room = self.node.size - off
+            if room <= 0:
                 raise pyfuse3.FUSEError(errno.ENOSPC)
+            if len(buf) > room:
+                buf = buf[:room]
             await self.node.disk_write(off, buf)
             return len(buf)
         text = bytes(buf).decode("utf-8", "replace").strip()
@@ -187,8 +195,8 @@ class DiskFS(pyfuse3.Operations):
 
 async def invalidate_disk() -> None:
     """Drop the kernel's cached pages of disk.img (after its content changed
-    under readers).  Runs in a thread: the kernel may need our handlers while
-    it invalidates."""
+    under readers); with direct I/O only private mappings hold any.  Runs in
+    a thread: the kernel may need our handlers while it invalidates."""
     try:
         await trio.to_thread.run_sync(pyfuse3.invalidate_inode, DISK, False)
     except FileNotFoundError:

@@ -2,7 +2,7 @@
 
     python passthrough.py IMAGE MOUNTPOINT
 
-Shows IMAGE as MOUNTPOINT/disk.img with the same mount options, pyfuse3
+Shows IMAGE as MOUNTPOINT/disk.img with the same mount options, direct I/O, pyfuse3
 task settings and worker loop (repdisk.edge.fuseloop) as repdisk's front end,
 and nothing else: a read is one os.pread inline in the handler, a write
 repdisk's own RawImage.pwrite (os.pwrite in pieces of WRITE_PIECE), as
@@ -60,7 +60,7 @@ class Passthrough(pyfuse3.Operations):
         return self._attr(inode)
 
     async def open(self, inode, flags, ctx):
-        return pyfuse3.FileInfo(fh=inode)
+        return pyfuse3.FileInfo(fh=inode, direct_io=True)  # as repdisk's disk.img
 
     async def read(self, fh, off, size):
         return os.pread(self.fd, min(size, max(0, self.size - off)), off)
