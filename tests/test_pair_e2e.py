@@ -4,6 +4,8 @@ a seeded random workload checked against the model after every step."""
 import errno
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -119,9 +121,6 @@ def test_initial_sync_copies_existing_data(nodes, tmp_path):
 
 
 def test_secondary_of_another_size_is_refused(nodes, tmp_path):
-    import subprocess
-    import sys
-
     sec = nodes("secondary", "--disk", str(tmp_path / "sec.img"), "--size", "4M", "--listen", f"unix:{tmp_path}/s.sock")
     r = subprocess.run([sys.executable, "-m", "repdisk", "primary", "--disk", str(tmp_path / "p.img"), "--size", "8M",
                         "--secondary", f"nbd+unix:///?socket={tmp_path}/s.sock", "--mount", str(tmp_path / "pm")],
@@ -137,9 +136,6 @@ def test_secondary_of_another_size_is_refused(nodes, tmp_path):
                                           ("--async-batch-delay", "nan"), ("--io-timeout", "-1"),
                                           ("--connect-timeout", "0"), ("--al-extents", "1.5")])
 def test_bad_numbers_are_refused_before_anything_happens(tmp_path, option, value):
-    import subprocess
-    import sys
-
     r = subprocess.run([sys.executable, "-m", "repdisk", "primary", "--disk", str(tmp_path / "p.img"), "--size", "1M",
                         "--mount", str(tmp_path / "m"), "--secondary", "nbd://127.0.0.1:1", option, value],
                        capture_output=True, text=True, timeout=60)
@@ -236,3 +232,6 @@ def test_disk_img_is_not_cached_twice(nodes, tmp_path):
         assert read_file(node.disk, 0, len(data)) == data
         assert cached_pages(node.disk) == 0, node.role
     assert cached_pages(pri.image) >= len(data) // 4096  # where the data is cached
+    # No readahead either, so tools are told to read in 1 MiB pieces.
+    assert os.stat(pri.disk).st_blksize == 1 << 20
+    assert subprocess.run(["cmp", pri.disk, pri.image]).returncode == 0

@@ -32,6 +32,11 @@ DISK = ROOT + 1
 CONTROL = ROOT + 2
 NAMES = {b"disk.img": DISK, b"control": CONTROL}
 
+# st_blksize, the I/O size tools pick by (cmp, cat, cp, stdio buffers).  disk.img
+# is direct I/O, so no readahead gathers small reads: at 4096, cmp of a 256 MiB
+# disk.img took 7.5 s (64K requests), at 1 MiB (FUSE's largest request) 0.29 s.
+PREFERRED_IO_SIZE = 1 << 20
+
 
 def fuse_errors(fn):
     """Map every error of a handler to FUSEError: the one errno boundary of FUSE."""
@@ -68,7 +73,7 @@ class DiskFS(pyfuse3.Operations):
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.mtime_ns
         a.attr_timeout = a.entry_timeout = 300
-        a.st_blksize = 4096
+        a.st_blksize = PREFERRED_IO_SIZE
         if inode == ROOT:
             a.st_mode = stat.S_IFDIR | 0o755
             a.st_nlink = 2
