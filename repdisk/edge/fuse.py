@@ -34,7 +34,8 @@ NAMES = {b"disk.img": DISK, b"control": CONTROL}
 
 # st_blksize, the I/O size tools pick by (cmp, cat, cp, stdio buffers).  disk.img
 # is direct I/O, so no readahead gathers small reads: at 4096, cmp of a 256 MiB
-# disk.img took 7.5 s (64K requests), at 1 MiB (FUSE's largest request) 0.29 s.
+# disk.img took 7.5 s (64K requests), at 1 MiB (FUSE's largest request) 0.29 s
+# (ad-hoc on the 2-core dev machine, idle sync pair, median of 3).
 PREFERRED_IO_SIZE = 1 << 20
 
 

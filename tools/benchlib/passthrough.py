@@ -2,8 +2,8 @@
 
     python passthrough.py IMAGE MOUNTPOINT
 
-Shows IMAGE as MOUNTPOINT/disk.img with the same mount options, direct I/O, pyfuse3
-task settings and worker loop (repdisk.edge.fuseloop) as repdisk's front end,
+Shows IMAGE as MOUNTPOINT/disk.img with the same mount options, direct I/O,
+block size, pyfuse3 task settings and worker loop (repdisk.edge.fuseloop) as repdisk's front end,
 and nothing else: a read is one os.pread inline in the handler, a write
 repdisk's own RawImage.pwrite (os.pwrite in pieces of WRITE_PIECE), as
 repdisk writes its images.  The benchmark runs fio on it next to repdisk, so that its tables
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from repdisk.app import FUSE_MAX_TASKS, FUSE_MIN_TASKS  # noqa: E402
 from repdisk.core.image import RawImage  # noqa: E402
 from repdisk.edge import fuseloop  # noqa: E402
-from repdisk.edge.fuse import mount_options  # noqa: E402
+from repdisk.edge.fuse import PREFERRED_IO_SIZE, mount_options  # noqa: E402
 
 DISK = pyfuse3.ROOT_INODE + 1
 
@@ -39,6 +39,7 @@ class Passthrough(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
         a.attr_timeout = a.entry_timeout = 300
+        a.st_blksize = PREFERRED_IO_SIZE
         if inode == pyfuse3.ROOT_INODE:
             a.st_mode = stat.S_IFDIR | 0o755
         elif inode == DISK:
