@@ -3,7 +3,7 @@
     python passthrough.py IMAGE MOUNTPOINT
 
 Shows IMAGE as MOUNTPOINT/disk.img with the same mount options, direct I/O,
-block size, pyfuse3 task settings and worker loop (repdisk.edge.fuseloop) as repdisk's front end,
+block size, malloc settings, pyfuse3 task settings and worker loop (repdisk.edge.fuseloop) as repdisk's front end,
 and nothing else: a read is one os.pread inline in the handler, a write
 repdisk's own RawImage.pwrite (os.pwrite in pieces of WRITE_PIECE), as
 repdisk writes its images.  The benchmark runs fio on it next to repdisk, so that its tables
@@ -21,7 +21,7 @@ import trio
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from repdisk.app import FUSE_MAX_TASKS, FUSE_MIN_TASKS  # noqa: E402
+from repdisk.app import FUSE_MAX_TASKS, FUSE_MIN_TASKS, keep_heap  # noqa: E402
 from repdisk.core.image import RawImage  # noqa: E402
 from repdisk.edge import fuseloop  # noqa: E402
 from repdisk.edge.fuse import PREFERRED_IO_SIZE, mount_options  # noqa: E402
@@ -83,6 +83,7 @@ class Passthrough(pyfuse3.Operations):
 
 
 async def main(fs, mountpoint):
+    keep_heap()
     pyfuse3.init(fs, mountpoint, mount_options("pyfuse3-floor"))
     try:
         async with trio.open_nursery() as nursery:
