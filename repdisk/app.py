@@ -53,7 +53,7 @@ async def serve_node(node, mountpoint: str, fsname: str, services=(), on_ready=N
     before unmounting; `on_ready` a plain callable run once mounted."""
     prepare_mountpoint(mountpoint)
     if not keep_heap():
-        log.info("mallopt unavailable: write buffers come from fresh pages")
+        log.info("malloc settings not applied (no glibc mallopt): write buffers may come from fresh pages")
     ops = DiskFS(node)
     async with trio.open_nursery() as nursery:
         for service in services:
