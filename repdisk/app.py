@@ -35,8 +35,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def keep_heap() -> bool:
-    """Apply the malloc settings above to this process; False where the C
-    library has no mallopt (not glibc): nothing changes then."""
+    """Apply the malloc settings above to this process.  False where the C
+    library has no mallopt (not glibc) or refuses a setting: the process
+    then runs with the C library's defaults."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         mallopt = libc.mallopt
