@@ -75,8 +75,10 @@ def test_random_workload_matches_model(nodes, tmp_path, transport, mode, ending)
         assert read_file(sec.disk) == bytes(model.view), f"seed {seed} step {step}: secondary view"
     s = pri.status()
     assert s["state"] == "replicating" and s["epoch"] == epoch and s["error"] is None
-    # sync mode: lone writes were answered inline (the front end found its FUSE device)
+    # sync mode: lone writes were answered inline (the front end found its FUSE device),
+    # some of them polled for (--reply-poll-us, on by default in sync mode)
     assert (s["link"]["inline_replies"] > 0) == (mode == "sync"), s["link"]
+    assert (s["link"]["reply_polls"] > 0) == (mode == "sync"), s["link"]
     if ending == "secondary_failover":
         view = read_file(sec.disk)
         sec.command("failover")
@@ -134,7 +136,8 @@ def test_secondary_of_another_size_is_refused(nodes, tmp_path):
 
 @pytest.mark.parametrize("option,value", [("--async-batch", "-3"), ("--async-batch", "many"),
                                           ("--async-batch-delay", "nan"), ("--io-timeout", "-1"),
-                                          ("--connect-timeout", "0"), ("--al-extents", "1.5")])
+                                          ("--connect-timeout", "0"), ("--al-extents", "1.5"),
+                                          ("--reply-poll-us", "-1"), ("--reply-poll-us", "20000")])
 def test_bad_numbers_are_refused_before_anything_happens(tmp_path, option, value):
     r = subprocess.run([sys.executable, "-m", "repdisk", "primary", "--disk", str(tmp_path / "p.img"), "--size", "1M",
                         "--mount", str(tmp_path / "m"), "--secondary", "nbd://127.0.0.1:1", option, value],

@@ -19,7 +19,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from repdisk.edge.replica import CHUNK, UNIX_SEND_BUFFER, ZERO_CHUNK, ReplicaError, ReplicaLink
+from repdisk.edge.replica import CHUNK, UNIX_SEND_BUFFER, ZERO_CHUNK, ReplicaError, ReplicaLink, ReplyPoll
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("nbdkit") and shutil.which("qemu-nbd")), reason="needs nbdkit and qemu-nbd"
@@ -739,10 +739,10 @@ def test_close_sends_held_writes_first(servers):
 # -- failures -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["reader", "inline"])
-def test_error_reply_fails_the_link(servers, tmp_path, wake_pipe, inline):
-    """The same whether the reply comes through the reader task or to a
-    write waiting inline (sync mode)."""
+@pytest.mark.parametrize("inline,spin", [(False, False), (True, False), (True, True)], ids=["reader", "inline", "spin"])
+def test_error_reply_fails_the_link(servers, tmp_path, wake_pipe, inline, spin):
+    """The same whether the reply comes through the reader task, to a write
+    waiting inline (sync mode), or to one polling for it."""
     trigger = tmp_path / "fail-writes"
     server = servers(
         nbdkit(MiB, "error=EIO", "error-pwrite-rate=100%", f"error-pwrite-file={trigger}", filters=["error"])
@@ -753,6 +753,8 @@ def test_error_reply_fails_the_link(servers, tmp_path, wake_pipe, inline):
             link = await open_link(nursery, server.uri)
             if inline:
                 link.set_inline_wait(1000, wake_pipe[0])
+            if spin:
+                link.set_reply_poll(1.0)
             failures = link.on_failure = Failures()
             await link.write(b"good", 0)
             trigger.write_bytes(b"")
@@ -773,6 +775,7 @@ def test_error_reply_fails_the_link(servers, tmp_path, wake_pipe, inline):
                 await link.flush()
             assert failures.ranges == [(4096, 300), (8192, 4), (0, 512)]
             assert link.statistics()["inline_replies"] == (1 if inline else 0)  # the good write
+            assert link.statistics()["polled_replies"] == (1 if spin else 0)
             await link.close()  # fine on a failed link
         # run() returned normally (the nursery did not raise)
 
@@ -924,6 +927,85 @@ def test_inline_wait_answers_lone_writes_and_yields_to_the_wake_fd(servers, wake
             await link.write(b"s" * 4096, 0)
             assert link.statistics()["inline_replies"] == 0
             assert await link.read(0, 4096) == b"s" * 4096
+            await link.close()
+
+    run(main)
+
+
+# -- polling for the reply (sync mode) --------------------------------------------
+
+
+def test_reply_poll_stops_when_spins_miss_and_comes_back_through_probes():
+    rp = ReplyPoll(50e-6)
+    assert rp.spinning and rp.window() == 50e-6  # starts hopeful
+    misses = 0
+    while rp.spinning:
+        rp.record(False)
+        misses += 1
+    assert misses == 22  # 0.9375**22 < 0.25 <= 0.9375**21
+    # Not spinning: one wait in 16 still does, to notice when replies get fast.
+    windows = [rp.window() for _ in range(48)]
+    assert [i for i, win in enumerate(windows) if win] == [15, 31, 47]
+    assert all(win == 50e-6 for win in windows[15::16])
+    assert rp.spins == 1 + 3
+    rp.record(True)  # the probe caught its reply: worth spinning again
+    assert rp.spinning and rp.window() == 50e-6 and rp.caught == 1
+    # a long slow spell takes a few caught probes to come back from
+    for _ in range(200):
+        rp.record(False)
+    caught = 0
+    while not rp.spinning:
+        rp.record(True)
+        caught += 1
+    assert caught == 5
+
+
+def test_reply_poll_catches_fast_replies_and_stops_for_slow_ones(servers, wake_pipe):
+    """Against a fast server every inline wait catches its reply while
+    spinning; against one that answers in 5 ms the spins miss and the link
+    stops spinning.  Data is right either way."""
+    fast = servers(nbdkit(4 * MiB))
+    slow = servers(nbdkit(4 * MiB, "delay-write=5ms", filters=["delay"]))
+    r, w = wake_pipe
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, fast.uri)
+            link.set_inline_wait(1000, r)
+            link.set_reply_poll(1.0)  # a second: every reply comes within it
+            rnd = random.Random(4)
+            model = bytearray(4 * MiB)
+            for _ in range(50):
+                data = rnd.randbytes(rnd.randrange(1, 9000))
+                off = rnd.randrange(0, 4 * MiB - len(data))
+                await link.write(data, off)
+                model[off : off + len(data)] = data
+            s = link.statistics()
+            assert (s["inline_replies"], s["reply_polls"], s["polled_replies"]) == (50, 50, 50), s
+            assert (s["reply_poll_us"], s["reply_poll_share"]) == (1_000_000, 1.0)
+            os.write(w, b"x")  # another FUSE request waits: the spin gives way at once
+            await link.write(b"y" * 4096, 0)
+            model[0:4096] = b"y" * 4096
+            s = link.statistics()
+            assert (s["inline_replies"], s["reply_polls"], s["polled_replies"], s["reply_poll_share"]) == (50, 51, 50, 1.0)
+            os.read(r, 1)
+            link.set_reply_poll(0)  # off
+            await link.write(b"z" * 4096, 4096)
+            model[4096:8192] = b"z" * 4096
+            s = link.statistics()
+            assert (s["inline_replies"], s["reply_poll_us"], s["reply_polls"]) == (51, 0, 0)
+            assert await link.read(0, 4 * MiB) == model
+            await link.close()
+
+            link = await open_link(nursery, slow.uri)
+            link.set_inline_wait(1000, r)
+            link.set_reply_poll(100e-6)  # replies take 5 ms
+            for i in range(40):
+                await link.write(bytes([i]) * 512, i * 512)
+            s = link.statistics()
+            assert (s["inline_replies"], s["polled_replies"], s["reply_poll_us"]) == (40, 0, 0), s
+            assert s["reply_polls"] == 22 + 1  # until it stopped, then one probe in 16
+            assert await link.read(0, 40 * 512) == b"".join(bytes([i]) * 512 for i in range(40))
             await link.close()
 
     run(main)

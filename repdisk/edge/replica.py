@@ -33,7 +33,23 @@ may be answered first), and handles the reply right there.  It gives up, and
 waits the normal way, as soon as wake_fd (the FUSE device: another request
 for the node) becomes readable, when libnbd still has output to send, or
 when a poll times out.  So the loop is not held while another FUSE request
-waits, and never for more than 4 x `ms`.
+waits, and never for more than 4 x `ms` (plus the spin below, if on).
+
+Polling for the reply (sync mode)
+---------------------------------
+A process asleep in poll is woken by the kernel when the reply arrives; on
+a virtual machine whose idle vCPU halts (no guest halt-polling), that wake-up
+is an interprocessor interrupt and a host reschedule, tens of microseconds on
+every sync write's critical path.  With set_reply_poll(max_s) the inline
+wait first polls without sleeping (poll with timeout 0) for up to max_s, and
+sleeps only if the reply has not come by then (QEMU's IOThreads do the same,
+poll-max-ns).  The spin costs CPU, so it adapts: ReplyPoll keeps the share of
+recent spins that caught their reply and spins only while at least a
+quarter do; otherwise only every 16th inline wait spins, to notice when
+replies are fast again.  (Replies come sooner while the primary spins than
+while it sleeps, so waits measured asleep cannot tell what a spin would
+catch.)  Over a slow link, replies in milliseconds, the primary stops
+spinning within a few dozen writes and then spends at most max_s per 16.
 
 Batching (async mode)
 ---------------------
@@ -91,6 +107,7 @@ import os
 import re
 import select
 import socket
+from time import perf_counter as _now
 
 import nbd
 import trio
@@ -130,6 +147,42 @@ class ReplicaError(RepdiskError):
     def __init__(self, message: str, errnum: int | None = None):
         super().__init__(message)
         self.errno = errnum or _errno.EIO
+
+
+class ReplyPoll:
+    """When an inline wait should spin for its reply (module doc, "Polling for
+    the reply").  Pure bookkeeping: ask window() at the start of each inline
+    wait; after a wait that spun, record() whether the reply came during the
+    spin (a wait given up for another FUSE request records nothing)."""
+
+    MIN_SHARE = 0.25  # keep spinning while at least this share of recent spins caught the reply
+    WEIGHT = 1 / 16  # of the newest spin in the running share (~16 spins of memory)
+    PROBE_EVERY = 16  # while not spinning, one inline wait in this many spins anyway
+
+    def __init__(self, max_s: float):
+        self.max_s = max_s
+        self.share = 1.0  # of recent spins that caught their reply; starts hopeful
+        self.caught = 0  # replies that came while spinning
+        self.spins = 0
+        self._skipped = 0
+
+    @property
+    def spinning(self) -> bool:
+        return self.share >= self.MIN_SHARE
+
+    def window(self) -> float:
+        """Seconds the next inline wait spins before it sleeps (0: none)."""
+        if self.share < self.MIN_SHARE:
+            self._skipped += 1
+            if self._skipped < self.PROBE_EVERY:
+                return 0.0
+            self._skipped = 0
+        self.spins += 1
+        return self.max_s
+
+    def record(self, caught: bool) -> None:
+        self.caught += caught
+        self.share += (caught - self.share) * self.WEIGHT
 
 
 def _nbd_message(e: "nbd.Error") -> str:
@@ -249,6 +302,7 @@ class ReplicaLink:
         self._inline_wake = -1
         self._inline_poll = None
         self._inline_done = 0  # replies handled by an inline wait
+        self._reply_poll: ReplyPoll | None = None  # set_reply_poll
 
         self._batch_max = 0  # set_batching: 0 = off
         self._batch_delay = 0.0
@@ -292,6 +346,7 @@ class ReplicaLink:
             held_back=self._held_back,  # requests that waited for an overlapping one
             failures=self._failures,  # requests reported to on_failure
             inline_replies=self._inline_done,  # sync writes answered while waiting inline
+            **self._reply_poll_stats(),
             batches=self._batches,  # set_batching: batches sent, and the requests in them
             batched_requests=self._batched,
             send_buffer=self.send_buffer,
@@ -308,6 +363,20 @@ class ReplicaLink:
         else:
             self._inline_ms, self._inline_wake = int(ms), wake_fd
         self._inline_poll = None
+
+    def set_reply_poll(self, max_s: float) -> None:
+        """Let an inline wait poll without sleeping for up to `max_s` seconds
+        before it sleeps, while that pays (module doc, "Polling for the
+        reply"); 0 turns it off."""
+        self._reply_poll = ReplyPoll(max_s) if max_s > 0 else None
+
+    def _reply_poll_stats(self) -> dict:
+        rp = self._reply_poll
+        if rp is None:
+            return dict(reply_poll_us=0, reply_polls=0, polled_replies=0, reply_poll_share=None)
+        # reply_poll_us: the spin in effect now (0 while it does not pay)
+        return dict(reply_poll_us=round(rp.max_s * 1e6) if rp.spinning else 0, reply_polls=rp.spins,
+                    polled_replies=rp.caught, reply_poll_share=round(rp.share, 3))
 
     def set_batching(self, max_requests: int, delay: float) -> None:
         """Hold small writes that nobody waits for and send them together:
@@ -619,21 +688,40 @@ class ReplicaLink:
             poll.register(self._fd, select.POLLIN)
             poll.register(self._inline_wake, select.POLLIN)
         wake = self._inline_wake
+        rp = self._reply_poll
+        spun = spin_until = 0.0
         try:
             if h.aio_get_direction() & _WRITE_DIR:
                 return  # not all sent yet: the writer task finishes that
-            for _ in range(4):
-                events = poll.poll(self._inline_ms)
-                if not events:
-                    return
+            if rp is not None:
+                spun = rp.window()
+                if spun:
+                    spin_until = _now() + spun
+            sleeps = 0
+            while sleeps < 4:
+                if spin_until:
+                    events = poll.poll(0)
+                    if not events:
+                        if _now() >= spin_until:
+                            spin_until = 0.0
+                        continue
+                else:
+                    events = poll.poll(self._inline_ms)
+                    sleeps += 1
+                    if not events:
+                        break
                 for fd, _ev in events:
                     if fd == wake:
-                        return
+                        return  # another FUSE request: its length says nothing of the link
                 self._read_replies(h)
                 if req.done or self._dead():
                     if req.done and req.error is None:
                         self._inline_done += 1
+                        if spun:
+                            rp.record(spin_until > 0.0)  # still spinning: caught
                     return
+            if spun:
+                rp.record(False)  # no reply within the inline wait
         except nbd.Error as e:
             self._fail(ReplicaError(f"connection to {self.uri} lost: {_nbd_message(e)}", e.errnum))
 

@@ -37,6 +37,7 @@ SYNC_CHUNK = 4 << 20  # bytes per sync request
 AL_SHIFT = 22  # activity-log extent: 4 MiB
 AL_SLOTS = 1024  # extents kept active: a crash costs at most 1024 x 4 MiB = 4 GiB of resync
 INLINE_WAIT_MS = 2  # sync mode: how long a lone write may block the loop for its reply
+REPLY_POLL_US = 50  # sync mode: how long it may poll for the reply before sleeping (ReplicaLink.set_reply_poll)
 SYNC_MAX_REQUESTS = 64  # requests the link keeps in flight, sync mode (the (re)sync pipelines)
 ASYNC_MAX_REQUESTS = 256  # async mode: room for full batches while the last ones are answered
 VERIFY_CHUNK = 16 << 20  # bytes compared at a time (4 pipelined NBD reads)
@@ -57,7 +58,8 @@ class PrimaryNode:
                  async_queue: int = 64 << 20, assume_synced: bool = False, connect_timeout: float = 10.0,
                  link_factory=None, meta_path: str | None = None, al_path: str | None = None,
                  al_extents: int = AL_SLOTS, io_timeout: float = 10.0, resync_rate: int = 0,
-                 checkpoint_flush: bool = False, batch: int = 64, batch_delay: float = 0.005):
+                 checkpoint_flush: bool = False, batch: int = 64, batch_delay: float = 0.005,
+                 reply_poll_us: int = REPLY_POLL_US):
         self.image = image
         self.geometry = Geometry(image.size, block_size)
         self.uri = uri
@@ -65,6 +67,7 @@ class PrimaryNode:
         self.async_queue = async_queue
         self.batch = batch  # async mode: writes sent together (ReplicaLink.set_batching); 1 = off
         self.batch_delay = batch_delay  # seconds the first of them may wait
+        self.reply_poll_us = reply_poll_us  # sync mode: spin for a reply before sleeping; 0 = never
         self.connect_timeout = connect_timeout
         self.state = st.P_CONNECTING
         self.epoch = 0
@@ -134,6 +137,8 @@ class PrimaryNode:
     def _inline_wait(self, link) -> None:
         if hasattr(link, "set_inline_wait"):
             link.set_inline_wait(INLINE_WAIT_MS if self.mode == "sync" else 0, self._fuse_fd)
+        if hasattr(link, "set_reply_poll"):
+            link.set_reply_poll(self.reply_poll_us / 1e6 if self.mode == "sync" else 0)
 
     def _batching(self, link) -> None:
         """Async mode sends writes in batches: one trio round and one server
