@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "together, up to this many (default 64; 0 or 1: each at once)")
     pr.add_argument("--async-batch-delay", type=_number(float, 0, 1000, "a delay from 0 to 1000 ms"), default=5.0, help="async mode: milliseconds the first write "
                     "of a batch may wait for others (default 5; 0: no batching); a checkpoint or flush sends at once")
-    pr.add_argument("--reply-poll-us", type=_number(int, 0, 10000, "a number of microseconds from 0 to 10000"), default=50,
+    pr.add_argument("--reply-poll-us", type=_number(int, 0, 10000, "a number of microseconds from 0 to 10000"), default=200,
                     help="sync mode: microseconds a write may poll for the secondary's reply before sleeping, "
-                    "while most replies come that fast (default 50; 0: always sleep; costs up to that much CPU per write)")
+                    "while at least a quarter of replies come that fast (default 200; 0: always sleep; costs up to that much CPU per write)")
     pr.add_argument("--assume-synced", action="store_true", help="skip the initial full sync (the images are known identical)")
     pr.add_argument("--connect-timeout", type=_number(float, 0.001, 86400, "a number of seconds from 0.001 to 86400"), default=10.0, help="seconds to wait for the secondary at start (default 10)")
     pr.add_argument("--io-timeout", type=_number(float, 0, 86400, "a number of seconds from 0 to 86400"), default=10.0, help="seconds without any reply from the secondary, "

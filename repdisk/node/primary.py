@@ -37,7 +37,7 @@ SYNC_CHUNK = 4 << 20  # bytes per sync request
 AL_SHIFT = 22  # activity-log extent: 4 MiB
 AL_SLOTS = 1024  # extents kept active: a crash costs at most 1024 x 4 MiB = 4 GiB of resync
 INLINE_WAIT_MS = 2  # sync mode: how long a lone write may block the loop for its reply
-REPLY_POLL_US = 50  # sync mode: how long it may poll for the reply before sleeping (ReplicaLink.set_reply_poll)
+REPLY_POLL_US = 200  # sync mode: how long it may poll for the reply before sleeping (ReplicaLink.set_reply_poll)
 SYNC_MAX_REQUESTS = 64  # requests the link keeps in flight, sync mode (the (re)sync pipelines)
 ASYNC_MAX_REQUESTS = 256  # async mode: room for full batches while the last ones are answered
 VERIFY_CHUNK = 16 << 20  # bytes compared at a time (4 pipelined NBD reads)
