@@ -876,6 +876,17 @@ def test_close_reports_requests_still_outstanding(servers):
 # -- waiting inline (sync mode) -------------------------------------------------
 
 
+async def random_writes(link, model: bytearray, *, seed: int, count: int) -> None:
+    """`count` writes of 1 to 8999 random bytes at random offsets, each
+    waited for, applied to `model` too."""
+    rnd = random.Random(seed)
+    for _ in range(count):
+        data = rnd.randbytes(rnd.randrange(1, 9000))
+        off = rnd.randrange(0, len(model) - len(data))
+        await link.write(data, off)
+        model[off : off + len(data)] = data
+
+
 @pytest.fixture
 def wake_pipe():
     """(read end, write end): the read end stands for the FUSE device."""
@@ -898,13 +909,8 @@ def test_inline_wait_answers_lone_writes_and_yields_to_the_wake_fd(servers, wake
         async with trio.open_nursery() as nursery:
             link = await open_link(nursery, fast.uri)
             link.set_inline_wait(1000, r)
-            rnd = random.Random(3)
             model = bytearray(4 * MiB)
-            for _ in range(50):
-                data = rnd.randbytes(rnd.randrange(1, 9000))
-                off = rnd.randrange(0, 4 * MiB - len(data))
-                await link.write(data, off)
-                model[off : off + len(data)] = data
+            await random_writes(link, model, seed=3, count=50)
             assert link.statistics()["inline_replies"] == 50
             os.write(w, b"x")  # someone else needs the loop: no inline wait
             await link.write(b"y" * 4096, 0)
@@ -973,13 +979,8 @@ def test_reply_poll_catches_fast_replies_and_stops_for_slow_ones(servers, wake_p
             link = await open_link(nursery, fast.uri)
             link.set_inline_wait(1000, r)
             link.set_reply_poll(1.0)  # a second: every reply comes within it
-            rnd = random.Random(4)
             model = bytearray(4 * MiB)
-            for _ in range(50):
-                data = rnd.randbytes(rnd.randrange(1, 9000))
-                off = rnd.randrange(0, 4 * MiB - len(data))
-                await link.write(data, off)
-                model[off : off + len(data)] = data
+            await random_writes(link, model, seed=4, count=50)
             s = link.statistics()
             assert (s["inline_replies"], s["reply_polls"], s["polled_replies"]) == (50, 50, 50), s
             assert (s["reply_poll_us"], s["reply_poll_share"]) == (1_000_000, 1.0)
