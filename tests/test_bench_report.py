@@ -81,3 +81,32 @@ def test_a_run_of_some_workloads_reports_only_those():
     assert len(rows) == 4  # 2 targets x direct/buffered
     rd = [r for r in rows if r["key"] == "rd-sync-unix"]
     assert all(abs(r["ratios"]["xQEMU"] - 1.0) < 1e-9 for r in rd)
+
+
+def test_first_touch_probe_measures_three_cases_and_leaves_no_files(tmp_path):
+    import first_touch
+    r = first_touch.measure(str(tmp_path), size=8 << 20, idle=0)
+    assert r["size_mib"] == 8
+    for case in ("cached", "recycled", "idle"):
+        assert r[case]["wall_ms_per_mib"] > 0
+        assert r[case]["sys_ms_per_mib"] >= 0
+    assert list(tmp_path.iterdir()) == []
+    assert isinstance(r["page_reporting"], dict)
+    line = report.first_touch_line(r)
+    assert f"cached {r['cached']['wall_ms_per_mib']:.2f}" in line
+    assert f"after {r['idle_s']:g} s idle" in line
+
+
+def test_the_table_names_the_machine_first_touch_cost():
+    res = results([], [])
+    ft = {"size_mib": 8, "idle_s": 5.0, "page_reporting": {"page_reporting_order": 9},
+          "reported_mib_while_idle": 504,
+          **{k: {"sys_ms_per_mib": v, "wall_ms_per_mib": v} for k, v in
+             (("cached", 0.1), ("recycled", 0.33), ("idle", 1.46))}}
+    res["meta"] = {"started": "x", "git": "g", "quick": False, "config": {"reps": 3}, "cpus": 2,
+                   "kernel": "k", "qemu": "q", "repdisk": True, "first_touch": ft, "reported_mib": 2048}
+    text = report.table(res, report.summarize_all(res))
+    line = next(ln for ln in text.splitlines() if ln.startswith("machine:"))
+    assert "cached 0.10, recycled 0.33, idle 1.46 ms/MiB" in line
+    assert "free page reporting on (order 9, 504 MiB reported in the idle wait)" in line
+    assert "2,048 MiB of free memory reported to the host during the run" in line

@@ -29,6 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import first_touch  # noqa: E402
 from benchlib import report  # noqa: E402
 from benchlib.fio import DESCRIPTION, WORKLOADS, job_options, run_fio, write_random  # noqa: E402
 from benchlib.targets import REPO, PassthroughTarget, PlainTarget, QemuPair, RepdiskPair  # noqa: E402
@@ -505,6 +506,12 @@ def main(argv=None) -> int:
         "nbdcopy": cmd_version(["nbdcopy", "--version"]),
     }}
     work = tempfile.mkdtemp(prefix="work-", dir=args.out)  # same filesystem as the repo
+    # The first-touch rows (1 MiB writes into fresh images) are bounded by what
+    # this machine charges for new page-cache pages; record it with the run.
+    log("measuring the page cache's first-touch cost (tools/first_touch.py)")
+    res["meta"]["first_touch"] = first_touch.measure(work)
+    log(report.first_touch_line(res["meta"]["first_touch"]))
+    reported0 = first_touch.page_reporting().get("reported_kib")
     log(f"work dir {work}; sections {', '.join(sections)}; {'quick' if args.quick else 'full'} mode, "
         f"{cfg.reps} reps")
 
@@ -531,6 +538,9 @@ def main(argv=None) -> int:
         if not args.keep_work:
             remove_tree(work)
     res["meta"]["seconds"] = round(time.monotonic() - t0, 1)
+    reported1 = first_touch.page_reporting().get("reported_kib")
+    if isinstance(reported0, int) and isinstance(reported1, int):
+        res["meta"]["reported_mib"] = (reported1 - reported0) // 1024
     res["meta"]["interrupted"] = interrupted
     summary = report.summarize_all(res)
     res["summary"] = summary

@@ -253,6 +253,19 @@ def _fmt(v, unit=""):
     return f"{v:.2f}" if abs(v) >= 0.1 else f"{v:.3f}"
 
 
+def first_touch_line(ft: dict) -> str:
+    """meta.first_touch (tools/first_touch.py) in a line."""
+    costs = ", ".join(f"{k} {ft[k]['wall_ms_per_mib']:.2f}" for k in ("cached", "recycled", "idle") if k in ft)
+    line = f"page-cache writes cost {costs} ms/MiB (cached / just freed / after {ft.get('idle_s', 0):g} s idle)"
+    pr = ft.get("page_reporting") or {}
+    if "page_reporting_order" in pr:
+        line += f"; free page reporting on (order {pr['page_reporting_order']}"
+        if "reported_mib_while_idle" in ft:
+            line += f", {ft['reported_mib_while_idle']:,} MiB reported in the idle wait"
+        line += ")"
+    return line
+
+
 def table(res: dict, summary: dict) -> str:
     meta = res["meta"]
     lines = [f"repdisk benchmark  {meta['started']}  git {meta['git']}  "
@@ -261,6 +274,12 @@ def table(res: dict, summary: dict) -> str:
              "figures: median (min-max) of the repetitions; xQEMU/xplain/xfloor = repdisk / baseline "
              "(floor: a minimal pyfuse3 passthrough of a raw file; for ms, MiB and x rows lower "
              "is better)"]
+    ft = meta.get("first_touch")
+    if ft:
+        line = "machine: " + first_touch_line(ft)
+        if "reported_mib" in meta:
+            line += f"; {meta['reported_mib']:,} MiB of free memory reported to the host during the run"
+        lines.append(line)
     if not meta.get("repdisk"):
         lines.append(f"repdisk not measured: {meta.get('repdisk_unavailable_reason')}")
     head = f"{'item':46} {'target':28} {'median':>10} {'(min-max)':>21} {'unit':6} " \
