@@ -515,7 +515,7 @@ def main(argv=None) -> int:
         log(report.first_touch_line(res["meta"]["first_touch"]))
     except OSError as e:
         log(f"  first-touch probe skipped: {e}")
-    reported0 = first_touch.page_reporting().get("reported_kib")
+    reported0 = first_touch.reported_kib()
     log(f"work dir {work}; sections {', '.join(sections)}; {'quick' if args.quick else 'full'} mode, "
         f"{cfg.reps} reps")
 
@@ -542,8 +542,8 @@ def main(argv=None) -> int:
         if not args.keep_work:
             remove_tree(work)
     res["meta"]["seconds"] = round(time.monotonic() - t0, 1)
-    reported1 = first_touch.page_reporting().get("reported_kib")
-    if isinstance(reported0, int) and isinstance(reported1, int):
+    reported1 = first_touch.reported_kib()
+    if reported0 is not None and reported1 is not None:
         res["meta"]["reported_mib"] = (reported1 - reported0) // 1024
     res["meta"]["interrupted"] = interrupted
     summary = report.summarize_all(res)

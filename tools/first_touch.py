@@ -58,6 +58,13 @@ def page_reporting() -> dict:
     return out
 
 
+def reported_kib() -> int | None:
+    """KiB of free memory the kernel has reported to the host since boot
+    (None without free page reporting)."""
+    v = page_reporting().get("reported_kib")
+    return v if isinstance(v, int) else None
+
+
 def _fill(path: str, size: int, chunk: memoryview, create: bool) -> tuple[float, float]:
     """Write `size` bytes into `path` in 1 MiB pwrites; (system s, wall s) per MiB."""
     flags = os.O_WRONLY | (os.O_CREAT | os.O_EXCL if create else 0)
@@ -93,10 +100,10 @@ def measure(directory: str, size: int | None = None, idle: float = 5.0) -> dict:
         os.unlink(a)
         res["recycled"] = _fill(b, size, chunk, create=True)
         os.unlink(b)
-        before = page_reporting().get("reported_kib")
+        before = reported_kib()
         time.sleep(idle)
-        after = page_reporting().get("reported_kib")
-        if isinstance(before, int) and isinstance(after, int):
+        after = reported_kib()
+        if before is not None and after is not None:
             res["reported_mib_while_idle"] = (after - before) // 1024
         res["idle"] = _fill(c, size, chunk, create=True)
     finally:
