@@ -13,6 +13,8 @@ Sections (run all, or pick with --only, comma separated or repeated):
               random writes
 Every figure is the median of --reps repetitions (>= 3) with the spread (min-max).
 Results: a table on stdout, bench-results/bench-<time>.json and .png.
+--perf DIR also samples the whole machine (perf, cpu-clock) during every fio job
+and says where the time went: idle share and top symbols (tools/benchlib/profile.py).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import first_touch  # noqa: E402
-from benchlib import report  # noqa: E402
+from benchlib import profile, report  # noqa: E402
 from benchlib.fio import DESCRIPTION, WORKLOADS, job_options, run_fio, write_random  # noqa: E402
 from benchlib.targets import REPO, PassthroughTarget, PlainTarget, QemuPair, RepdiskPair  # noqa: E402
 from benchlib.util import (GiB, MiB, TiB, BenchError, cmd_version, dump_json, log,  # noqa: E402
@@ -71,6 +73,7 @@ class Config:
             self.ckpt_systems = ["qemu", "rd-sync", "rd-async"]
         self.rss_disk = 1 * TiB
         self.fio_workloads = list(WORKLOADS)
+        self.perf_dir = None  # --perf: a system-wide perf profile of every fio job
 
     def as_dict(self):
         return {k: v for k, v in vars(self).items()}
@@ -164,12 +167,26 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
         for p in getattr(t, "procs", {}).values():
             p.check_alive()
         _quiesce(everyone)
+        recording = None
+        if cfg.perf_dir:
+            rep = len(cell["runs"]) + len(cell["errors"]) + 1
+            recording = profile.Recording(os.path.join(cfg.perf_dir, f"rep{rep}-{wl}-{io}-{key}.data"))
         cpu0 = _cpu_of(t)
-        r = run_fio(path, job_options(wl, cfg.fio_size, cfg.runtime), direct=(io == "direct"))
-        r["daemon_cpu_s"] = _cpu_delta(cpu0, _cpu_of(t))
+        try:
+            r = run_fio(path, job_options(wl, cfg.fio_size, cfg.runtime), direct=(io == "direct"))
+            r["daemon_cpu_s"] = _cpu_delta(cpu0, _cpu_of(t))
+        finally:
+            if recording is not None:
+                recording.stop()
         cell["runs"].append(r)
         log(f"  {TARGET_LABEL[key]:24} {r['mibs']:8.1f} MiB/s {r['iops']:9.0f} IOPS "
             f"p50 {r['p50_us']:7.1f} us p99 {r['p99_us']:8.1f} us")
+        if recording is not None:
+            try:
+                r["perf"] = profile.summarize(recording.path)
+                log(f"  {'':24} perf: {profile.one_line(r['perf'])}")
+            except BenchError as e:  # the measurement stands without its profile
+                log(f"  {'':24} perf: no summary: {e}")
     except BenchError as e:
         cell["errors"].append(str(e))
         log(f"  {TARGET_LABEL[key]:24} n/a: {e}")
@@ -460,6 +477,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-repdisk", action="store_true", help="measure only the plain file and QEMU")
     ap.add_argument("--out", default=os.path.join(REPO, "bench-results"), help="results directory")
     ap.add_argument("--keep-work", action="store_true", help="keep the work directory (debugging)")
+    ap.add_argument("--perf", metavar="DIR", default=None,
+                    help="record a system-wide perf profile (cpu-clock, call graphs) of every fio job "
+                         "into DIR and summarize it in the log and the JSON (idle share, top symbols); "
+                         "sampling costs a little, so keep such runs out of the table of record")
     args = ap.parse_args(argv)
 
     sections = []
@@ -474,6 +495,12 @@ def main(argv=None) -> int:
     if args.reps is not None and args.reps < 1:
         ap.error("--reps must be >= 1")
     cfg = Config(args.quick, args.reps)
+    if args.perf:
+        why = profile.available()
+        if why:
+            ap.error(f"--perf: {why}")
+        os.makedirs(args.perf, exist_ok=True)
+        cfg.perf_dir = os.path.abspath(args.perf)
 
     def pick(text, allowed, what):
         picked = [x.strip() for x in text.split(",")]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .fio import DESCRIPTION, IS_WRITE, METRIC, WORKLOADS
+from .profile import busy_symbols
 from .util import MiB, summarize
 
 FIO_ORDER = ["plain", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix", "rd-sync-tcp",
@@ -266,6 +267,24 @@ def first_touch_line(ft: dict) -> str:
     return line
 
 
+def perf_lines(res: dict) -> list[str]:
+    """One line per fio cell whose runs carry a perf summary (tools/bench --perf)."""
+    out = []
+    targets = res.get("fio", {}).get("targets", {})
+    labels = res.get("fio", {}).get("labels", {})
+    for io in ("direct", "buffered"):
+        for wl in WORKLOADS:
+            for key, tres in targets.items():
+                runs = [r["perf"] for r in tres.get(io, {}).get(wl, {}).get("runs", []) if "perf" in r]
+                if not runs:
+                    continue
+                idle = sorted(p["idle_pct"] for p in runs)[len(runs) // 2]
+                syms = ", ".join(f"{s} {p:.0f}%" for s, p in busy_symbols(runs[0]))
+                item = f"{DESCRIPTION[wl]}, {io}"
+                out.append(f"{item[:46]:46} {labels.get(key, key)[:28]:28} idle {idle:3.0f}%  {syms}")
+    return out
+
+
 def table(res: dict, summary: dict) -> str:
     meta = res["meta"]
     lines = [f"repdisk benchmark  {meta['started']}  git {meta['git']}  "
@@ -280,6 +299,9 @@ def table(res: dict, summary: dict) -> str:
         if "reported_mib" in meta:
             line += f"; {meta['reported_mib']:,} MiB of free memory reported to the host during the run"
         lines.append(line)
+    if meta["config"].get("perf_dir"):
+        lines.append(f"profiled: perf sampled the whole machine during every fio job "
+                     f"({meta['config']['perf_dir']}); the figures carry its cost")
     if not meta.get("repdisk"):
         lines.append(f"repdisk not measured: {meta.get('repdisk_unavailable_reason')}")
     head = f"{'item':46} {'target':28} {'median':>10} {'(min-max)':>21} {'unit':6} " \
@@ -313,6 +335,11 @@ def table(res: dict, summary: dict) -> str:
             x = f"  xQEMU {c['xQEMU']:.2f}" if "xQEMU" in c else ""
             lines.append(f"{r['item'][:46]:46} {r['target'][:28]:28} {c['total_us']:8.0f} {spread:>13}  "
                          f"{parts}{x}")
+    profiled = perf_lines(res)
+    if profiled:
+        lines += ["", "== where the time went (perf, all CPUs) ==",
+                  "idle: the share of both CPUs' time nothing ran (median of the runs); then the "
+                  "top symbols of the first run, in % of all samples"] + profiled
     if summary["checks"]:
         lines += ["", "== the issue's targets on this run =="]
         for c in summary["checks"]:
