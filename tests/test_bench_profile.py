@@ -68,7 +68,16 @@ def test_the_table_of_a_profiled_run_says_so_and_shows_where_the_time_went():
     assert row.startswith("seq write 1 MiB, end_fsync, direct")
     assert "pyfuse3 passthrough" in row
     assert "idle  36%" in row  # the median of 50, 20, 36
-    assert row.endswith("copy_folio_from_iter_atomic 30%")  # the first run's symbols
+    assert row.endswith("copy_folio_from_iter_atomic 31%")  # the mean of 30, 31, 32
+
+
+def test_the_perf_section_ranks_symbols_by_their_mean_over_the_runs():
+    res = _profiled_results([40.0, 40.0])
+    a, b = (r["perf"] for r in res["fio"]["targets"]["py-floor"]["direct"]["seqwrite"]["runs"])
+    a["symbols"] = [["[k] pv_native_safe_halt", 40.0], ["[.] early", 30.0], ["[k] cold", 2.0]]
+    b["symbols"] = [["[k] pv_native_safe_halt", 40.0], ["[k] cold", 40.0]]
+    row = report.perf_lines(res)[0]
+    assert row.endswith("cold 21%, early 15%")  # (2+40)/2, (30+0)/2
 
 
 def test_an_unprofiled_table_has_no_perf_section():
@@ -80,7 +89,10 @@ def test_an_unprofiled_table_has_no_perf_section():
     assert "profiled:" not in text and "where the time went" not in text
 
 
-@pytest.mark.skipif(profile.available() is not None, reason=f"{profile.available()}")
+NO_PERF = profile.available()
+
+
+@pytest.mark.skipif(NO_PERF is not None, reason=f"{NO_PERF}")
 def test_a_real_recording_sees_the_process_that_worked(tmp_path):
     rec = profile.Recording(str(tmp_path / "p.data"))
     try:

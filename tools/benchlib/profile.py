@@ -6,7 +6,11 @@ process, fio, the daemons and the kernel's side of each FUSE request alike,
 plus idle time (the `swapper` task).  After the job the file is summarized
 with `perf report`: the share of samples per command and the top symbols.
 A profiled run costs the machine a little (sampling at 1 kHz per CPU), so its
-figures are for reading where time goes, not for the table of record."""
+figures are for reading where time goes, not for the table of record.
+Reading it: cpu-clock samples come from a timer interrupt, so time spent with
+interrupts off is charged to where they come back on
+(`_raw_spin_unlock_irqrestore`, `_raw_spin_unlock_irq`, `finish_task_switch`):
+those symbols stand for the locked work before them (wake-ups, FUSE queues)."""
 from __future__ import annotations
 
 import os
@@ -37,6 +41,8 @@ class Recording:
 
     def __init__(self, path: str):
         self.path = path
+        if os.path.exists(path):  # a rerun into the same DIR: perf would keep it as .old
+            os.unlink(path)
         self.proc = subprocess.Popen(
             ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(FREQ), "-a", "-g", "-o", path],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

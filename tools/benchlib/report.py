@@ -268,7 +268,11 @@ def first_touch_line(ft: dict) -> str:
 
 
 def perf_lines(res: dict) -> list[str]:
-    """One line per fio cell whose runs carry a perf summary (tools/bench --perf)."""
+    """One line per fio cell whose runs carry a perf summary (tools/bench --perf):
+    the median idle share and the three symbols with the largest mean share
+    over the runs (a symbol out of a run's top list counts 0 there).  Not one
+    run's list: the rotation puts each target early in one repetition, when
+    page-cache memory is still cheap, and late in another."""
     out = []
     targets = res.get("fio", {}).get("targets", {})
     labels = res.get("fio", {}).get("labels", {})
@@ -279,7 +283,12 @@ def perf_lines(res: dict) -> list[str]:
                 if not runs:
                     continue
                 idle = sorted(p["idle_pct"] for p in runs)[len(runs) // 2]
-                syms = ", ".join(f"{s} {p:.0f}%" for s, p in busy_symbols(runs[0]))
+                share: dict[str, float] = {}
+                for p in runs:
+                    for sym, pct in busy_symbols(p, len(p["symbols"])):
+                        share[sym] = share.get(sym, 0.0) + pct / len(runs)
+                top = sorted(share.items(), key=lambda kv: -kv[1])[:3]
+                syms = ", ".join(f"{s} {p:.0f}%" for s, p in top)
                 item = f"{DESCRIPTION[wl]}, {io}"
                 out.append(f"{item[:46]:46} {labels.get(key, key)[:28]:28} idle {idle:3.0f}%  {syms}")
     return out
@@ -339,7 +348,7 @@ def table(res: dict, summary: dict) -> str:
     if profiled:
         lines += ["", "== where the time went (perf, all CPUs) ==",
                   "idle: the share of both CPUs' time nothing ran (median of the runs); then the "
-                  "top symbols of the first run, in % of all samples"] + profiled
+                  "symbols with the largest mean share of all samples over the runs"] + profiled
     if summary["checks"]:
         lines += ["", "== the issue's targets on this run =="]
         for c in summary["checks"]:
