@@ -106,9 +106,9 @@ def summarize(path: str, top: int = 8) -> dict:
             "symbols": [[n, p] for n, p in symbols[:top]]}
 
 
-def busy_symbols(summary: dict, n: int = 3) -> list[tuple[str, float]]:
-    """The top `n` symbols of a summary other than the idle loop's, without
-    perf's '[k] '/'[.] ' prefix."""
+def busy_symbols(summary: dict, n: int | None = 3) -> list[tuple[str, float]]:
+    """The top `n` (None: all) symbols of a summary other than the idle
+    loop's, without perf's '[k] '/'[.] ' prefix."""
     return [(_bare(s), p) for s, p in summary["symbols"] if not _is_idle_symbol(s)][:n]
 
 

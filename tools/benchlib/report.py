@@ -282,10 +282,10 @@ def perf_lines(res: dict) -> list[str]:
                 runs = [r["perf"] for r in tres.get(io, {}).get(wl, {}).get("runs", []) if "perf" in r]
                 if not runs:
                     continue
-                idle = sorted(p["idle_pct"] for p in runs)[len(runs) // 2]
+                idle = summarize([p["idle_pct"] for p in runs])["median"]
                 share: dict[str, float] = {}
                 for p in runs:
-                    for sym, pct in busy_symbols(p, len(p["symbols"])):
+                    for sym, pct in busy_symbols(p, None):
                         share[sym] = share.get(sym, 0.0) + pct / len(runs)
                 top = sorted(share.items(), key=lambda kv: -kv[1])[:3]
                 syms = ", ".join(f"{s} {p:.0f}%" for s, p in top)
