@@ -120,3 +120,56 @@ def test_the_table_names_the_machine_first_touch_cost():
     assert "cached 0.10, recycled 0.33, idle 1.46 ms/MiB" in line
     assert "free page reporting on (order 9, 504 MiB reported in the idle wait)" in line
     assert "2,048 MiB of free memory reported to the host during the run" in line
+
+
+def test_two_plain_files_bound_a_pairs_seq_write_cells():
+    """The seq-write row carries what two plain files made of it (per file):
+    xpair on QEMU's and repdisk's primaries, xQEMU on the two files' row, and
+    the async check names it; the view, one file, gets no xpair."""
+    def cells(mibs):
+        c = {"runs": [dict(run(1, 512, (0.1, 0.1)), mibs=mibs)], "errors": []}
+        return {io: {"seqwrite": c} for io in ("direct", "buffered")}
+    res = {"fio": {"targets": {"plain-pair": cells(210.0), "qemu-pri": cells(140.0),
+                               "rd-async-unix": cells(147.0), "qemu-sec": cells(200.0),
+                               "rd-sec": cells(220.0)}, "labels": {}}}
+    summary = report.summarize_all(res)
+    rows = {(r["key"], r["io"]): r for r in summary["rows"] if r["section"] == "fio"}
+    assert rows[("plain-pair", "direct")]["ratios"]["xQEMU"] == pytest.approx(1.5)
+    assert rows[("qemu-pri", "direct")]["ratios"]["xpair"] == pytest.approx(140 / 210)
+    assert rows[("rd-async-unix", "buffered")]["ratios"]["xpair"] == pytest.approx(0.7)
+    assert "xpair" not in rows[("rd-sec", "direct")]["ratios"]
+    async_checks = [c for c in summary["checks"] if c["target"].startswith("async")]
+    assert [c["ok"] for c in async_checks] == [False, False]  # 1.05x
+    assert all(c["note"] == "two plain files: 1.50x QEMU" for c in async_checks)
+    view = next(c for c in summary["checks"] if c["target"].startswith("secondary view"))
+    assert view["note"] == ""
+
+
+def test_targets_without_a_workload_get_no_row_for_it():
+    """Two plain files run the seq-write job only: no n/a rows for the rest."""
+    seq = {"runs": [run(300, 512, (0.1, 0.2))], "errors": []}
+    res = results([run(1, 1, (0, 0))], [run(1, 1, (0, 0))])
+    res["fio"]["targets"]["plain-pair"] = {io: {"seqwrite": seq} for io in ("direct", "buffered")}
+    rows = [r for r in report.summarize_all(res)["rows"] if r.get("key") == "plain-pair"]
+    assert sorted((r["workload"], r["io"]) for r in rows) == [("seqwrite", "buffered"), ("seqwrite", "direct")]
+
+
+def test_two_plain_files_are_written_at_once_and_reported_per_file(tmp_path):
+    """A real fio job through the bench's own path: both files written in
+    full by two fio processes, the rate halved to a per-file figure."""
+    import bench
+    from benchlib.targets import PlainPairTarget
+    cfg = bench.Config(quick=True, reps=1)
+    cfg.fio_size = 8 << 20
+    t = PlainPairTarget(str(tmp_path), cfg.fio_size)
+    tres: dict = {}
+    bench._fio_job(cfg, tres, "plain-pair", t, None, "direct", "seqwrite", everyone=[t])
+    cell = tres["direct"]["seqwrite"]
+    assert cell["errors"] == []
+    (r,) = cell["runs"]
+    assert r["ios"] == 2 * 8  # 1 MiB writes, 8 per file
+    for i in range(2):
+        st = os.stat(tmp_path / f"pair.{i}.img")
+        assert st.st_size == 8 << 20 and st.st_blocks * 512 >= 8 << 20  # written, not a hole
+    per_file = 8 / (r["runtime_ms"] / 2 / 1000)  # fio sums the two jobs' runtimes
+    assert r["mibs"] == pytest.approx(per_file, rel=0.5)

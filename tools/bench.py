@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import first_touch  # noqa: E402
 from benchlib import profile, report  # noqa: E402
 from benchlib.fio import DESCRIPTION, WORKLOADS, job_options, run_fio, write_random  # noqa: E402
-from benchlib.targets import REPO, PassthroughTarget, PlainTarget, QemuPair, RepdiskPair  # noqa: E402
+from benchlib.targets import REPO, PassthroughTarget, PlainPairTarget, PlainTarget, QemuPair, RepdiskPair  # noqa: E402
 from benchlib.util import (GiB, MiB, TiB, BenchError, cmd_version, dump_json, log,  # noqa: E402
                            copy_image, cpu_seconds, make_filled_image, make_random_image,
                            remove_tree, rss_bytes)
@@ -56,7 +56,7 @@ class Config:
             self.sync_size = 512 * MiB
             self.sync_transports = ["unix"]
             self.rss_write = 128 * MiB
-            self.fio_targets = ["plain", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-tcp", "rd-async-tcp",
+            self.fio_targets = ["plain", "plain-pair", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-tcp", "rd-async-tcp",
                                 "rd-sec"]
             self.ckpt_systems = ["qemu", "rd-sync", "rd-async"]
         else:
@@ -68,7 +68,7 @@ class Config:
             self.sync_size = 1 * GiB
             self.sync_transports = ["unix", "tcp"]
             self.rss_write = 1 * GiB
-            self.fio_targets = ["plain", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix",
+            self.fio_targets = ["plain", "plain-pair", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix",
                                 "rd-sync-tcp", "rd-async-tcp", "rd-sec"]
             self.ckpt_systems = ["qemu", "rd-sync", "rd-async"]
         self.rss_disk = 1 * TiB
@@ -106,7 +106,7 @@ def stop_all():
 
 
 TARGET_LABEL = {
-    "plain": "plain file", "py-floor": "pyfuse3 passthrough", "qemu-pri": "QEMU primary", "qemu-sec": "QEMU secondary view",
+    "plain": "plain file", "plain-pair": PlainPairTarget.label, "py-floor": "pyfuse3 passthrough", "qemu-pri": "QEMU primary", "qemu-sec": "QEMU secondary view",
     "rd-sync-unix": "repdisk sync unix", "rd-async-unix": "repdisk async unix",
     "rd-sync-tcp": "repdisk sync tcp", "rd-async-tcp": "repdisk async tcp",
     "rd-sec": "repdisk secondary view",
@@ -154,7 +154,7 @@ def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
                 for wl in cfg.fio_workloads:
                     log(f"fio rep {rep + 1}/{cfg.reps}: {DESCRIPTION[wl]}, {io}")
                     for key in order:
-                        if key in live:
+                        if key in live and wl in getattr(live[key][0], "workloads", WORKLOADS):
                             _fio_job(cfg, out["targets"].setdefault(key, {}), key, *live[key], io, wl,
                                      everyone=[t for t, _ in live.values()])
 
@@ -172,8 +172,14 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
             rep = len(cell["runs"]) + len(cell["errors"]) + 1
             recording = profile.Recording(os.path.join(cfg.perf_dir, f"rep{rep}-{wl}-{io}-{key}.data"))
         cpu0 = _cpu_of(t)
+        options = job_options(wl, cfg.fio_size, cfg.runtime)
         try:
-            r = run_fio(path, job_options(wl, cfg.fio_size, cfg.runtime), direct=(io == "direct"))
+            if isinstance(t, PlainPairTarget):  # buffered in both rows, as a pair writes its images
+                r = run_fio(None, t.fio_options(options), direct=False)
+                r["mibs"] /= t.files  # per file: what each node wrote, as a pair's figures are
+                r["iops"] /= t.files
+            else:
+                r = run_fio(path, options, direct=(io == "direct"))
             r["daemon_cpu_s"] = _cpu_delta(cpu0, _cpu_of(t))
         finally:
             if recording is not None:
@@ -225,6 +231,8 @@ def _start_fio_target(key, d, size):
         if key == "plain":
             t = PlainTarget(d, size)
             return t, t.path
+        if key == "plain-pair":
+            return PlainPairTarget(d, size), None
         if key == "py-floor":
             t = PassthroughTarget(d, size)
         elif key.startswith("qemu"):

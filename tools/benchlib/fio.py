@@ -34,13 +34,15 @@ def job_options(workload: str, size: int, runtime: int) -> dict:
     raise ValueError(workload)
 
 
-def run_fio(filename: str, options: dict, direct: bool, timeout: float = 600) -> dict:
-    """Run one fio job on `filename`; return {mibs, iops, p50_us, p99_us, runtime_ms,
-    ios, fio_cpu_s}: `ios` the I/Os done, `fio_cpu_s` [user, system] CPU seconds of
-    fio and its job processes (the system part includes the kernel's side of
-    each request, FUSE's included)."""
-    argv = ["fio", "--name=bench", f"--filename={filename}", "--output-format=json",
-            f"--direct={1 if direct else 0}"]
+def run_fio(filename: str | None, options: dict, direct: bool, timeout: float = 600) -> dict:
+    """Run one fio job on `filename` (None: the options name the files);
+    return {mibs, iops, p50_us, p99_us, runtime_ms, ios, fio_cpu_s}: `ios` the
+    I/Os done, `fio_cpu_s` [user, system] CPU seconds of fio and its job
+    processes (the system part includes the kernel's side of each request,
+    FUSE's included)."""
+    argv = ["fio", "--name=bench", "--output-format=json", f"--direct={1 if direct else 0}"]
+    if filename is not None:
+        argv.append(f"--filename={filename}")
     argv += [f"--{k}={v}" for k, v in options.items()]
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:

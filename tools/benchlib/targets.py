@@ -50,6 +50,33 @@ class PlainTarget:
         pass
 
 
+class PlainPairTarget:
+    """What a replicating pair does to this machine's disk and memory, and
+    nothing else: two fresh image files, written at once by two fio
+    processes and each fsynced at the end.  Buffered in both of the bench's
+    rows: whatever the VM asks for, both repdisk nodes (and QEMU's) write
+    their images through the page cache, so a pair's 1 MiB job puts 2 x 512
+    MiB into new page-cache memory and then onto the one disk.  No FUSE, no
+    network, no copy-before-write: the most a pair can deliver here.  fio
+    reports both files together; the bench records the rate per file."""
+
+    label = "two plain files (a pair's disk)"
+    workloads = ("seqwrite",)  # the one job whose data must reach the disk within it
+    files = 2
+
+    def __init__(self, dirpath: str, size: int):
+        self.dir = dirpath
+        os.makedirs(dirpath, exist_ok=True)
+        _images(dirpath, size, None, tuple(f"pair.{i}.img" for i in range(self.files)))
+
+    def fio_options(self, options: dict) -> dict:
+        return options | {"numjobs": self.files, "group_reporting": 1, "directory": self.dir,
+                          "filename_format": "pair.$jobnum.img"}
+
+    def stop(self):
+        pass
+
+
 class PassthroughTarget:
     """The Python FUSE floor: tools/benchlib/passthrough.py over a raw file."""
 
