@@ -326,3 +326,62 @@ def test_fsync_runs_the_local_fsync_while_the_secondary_flushes(tmp_path):
         trio.run(run_node, node, body)
     finally:
         server.stop()
+
+
+def test_misses_at_once_share_one_log_write(tmp_path):
+    """Group commit: writes to new extents that arrive while the log is being
+    stored wait for the next store together, not one store each."""
+    sec = FakeSecondary(SIZE)
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        before = node.al_writes
+        async with trio.open_nursery() as n:
+            for e in range(12):
+                n.start_soon(node.disk_write, e * EXTENT + 7, b"g" * 4096)
+        assert 1 <= node.al_writes - before <= 2
+        with open(node.al_path, "rb") as f:
+            assert set(md.decode_al(f.read())[1]) == set(range(12))
+        for e in range(12):
+            assert node.image.pread(e * EXTENT + 7, 4096) == b"g" * 4096
+
+    node = make_node(tmp_path, sec, al_extents=64)
+    trio.run(run_node, node, body, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_an_extent_leaves_the_log_only_once_its_data_is_on_disk(tmp_path):
+    """A host crash loses what the page cache held.  An extent dropped from the
+    log is not resynced after a crash, so the primary's image must hold its
+    writes on disk (datasync) before the log is stored without it; a full log
+    evicts a batch at a time so that flush is rare."""
+    sec = FakeSecondary(SIZE)
+    events = []  # ("write", extent) | ("sync",) | ("store", extents)
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        real_sync, real_store = node.image.datasync, node._al_store
+        node.image.datasync = lambda: (events.append(("sync",)), real_sync())
+        node._al_store = lambda ext: (events.append(("store", set(ext))), real_store(ext))
+        rng = __import__("random").Random(5)
+        for i in range(400):
+            e = rng.randrange(SIZE // EXTENT)
+            await node.disk_write(e * EXTENT + rng.randrange(EXTENT - 4096), b"d" * 4096)
+            events.append(("write", e))
+        assert node.al_evictions > 0
+
+    node = make_node(tmp_path, sec, al_extents=16)  # batches of 1
+    node._al_batch = 4
+    trio.run(run_node, node, body, clock=trio.testing.MockClock(autojump_threshold=0))
+    unsynced, stored, syncs = set(), set(), 0
+    for ev in events:
+        if ev[0] == "write":
+            assert ev[1] in stored  # the log held the extent before the write
+            unsynced.add(ev[1])
+        elif ev[0] == "sync":
+            unsynced.clear()
+            syncs += 1
+        else:
+            assert not (stored - ev[1]) & unsynced, "an extent left the log with its writes only in the page cache"
+            stored = ev[1]
+            assert len(stored) <= 16 + 1
+    assert 0 < syncs < 400 // 4

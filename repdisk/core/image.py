@@ -156,6 +156,13 @@ class RawImage:
         except OSError as e:
             raise IOFailure(f"fsync {self.path}", e) from None
 
+    def datasync(self) -> None:
+        """The data on disk (no timestamps): what the activity log needs."""
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise IOFailure(f"fdatasync {self.path}", e) from None
+
     def copy_to(self, dst: "RawImage", offset: int, length: int) -> None:
         """Copy [offset, offset+length) into `dst` at the same offset (copy_file_range)."""
         end = offset + length

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SYNC_CHUNK = 4 << 20  # bytes per sync request
 AL_SHIFT = 22  # activity-log extent: 4 MiB
 AL_SLOTS = 1024  # extents kept active: a crash costs at most 1024 x 4 MiB = 4 GiB of resync
+AL_EVICT_DIVISOR = 16  # a full log evicts 1/16 of its extents at once (one image flush)
 INLINE_WAIT_MS = 2  # sync mode: how long a lone write may block the loop for its reply
 REPLY_POLL_US = 200  # sync mode: how long it may poll for the reply before sleeping (ReplicaLink.set_reply_poll)
 SYNC_MAX_REQUESTS = 64  # requests the link keeps in flight, sync mode (the (re)sync pipelines)
@@ -106,8 +107,11 @@ class PrimaryNode:
         # __missing__/__delitem__ cost ~4% of the primary's CPU per write)
         self._al_busy: dict[int, int] = {}
         self._al_lock = trio.Lock()
+        self._al_version = self._al_stored = 0  # changes made / persisted (group commit)
+        self._al_batch = max(1, al_extents // AL_EVICT_DIVISOR)  # extents evicted at a time
         self._al_fd = None
         self.al_writes = 0
+        self.al_evictions = 0
         if al_path is not None:
             self._al_fd = os.open(al_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             os.ftruncate(self._al_fd, 0)
@@ -248,38 +252,62 @@ class PrimaryNode:
 
     async def _al_add(self, e: int) -> None:
         ev = self._al[e] = trio.Event()
-        victims = []
-        if len(self._al) > self.al_extents:
-            for x in self._al:
-                if len(self._al) - len(victims) <= self.al_extents:
-                    break
-                if x != e and x not in self._al_busy and self._al[x].is_set():
-                    victims.append(x)
-            for x in victims:  # no await since choosing them
-                del self._al[x]
-                self._al_busy.pop(x, None)
-            self._al_leaving.update(victims)
+        self._al_version += 1
         try:
-            if victims:
-                # Dropping an extent from the log is safe once nothing sent there is
-                # in flight and its dirty bits are in the persisted bitmap.
-                link = self.link
-                if link is not None and link.failed is None and link.inflight_requests:
-                    try:
-                        await link.settle()
-                    except RepdiskError:
-                        pass  # the link failed: its in-flight ranges are marked dirty
-                geo = self.geometry
-                if any(self.dirty.any(*geo.blocks(x << AL_SHIFT, min(1 << AL_SHIFT, geo.size - (x << AL_SHIFT))))
-                       for x in victims):
-                    await trio.to_thread.run_sync(self._persist)
-            async with self._al_lock:
-                self._al_leaving.difference_update(victims)
-                extents = [*self._al, *self._al_leaving]
-                await trio.to_thread.run_sync(self._al_store, extents)
-                self.al_writes += 1
+            if len(self._al) > self.al_extents:
+                await self._al_evict(e)
+            await self._al_commit()
         finally:
             ev.set()
+
+    async def _al_evict(self, e: int) -> None:
+        """Drop a batch of idle extents (least recently used first) from the
+        log, so that the next misses only add: the image flush that makes
+        their data durable is paid once per batch."""
+        want = len(self._al) - self.al_extents + self._al_batch - 1
+        victims = []
+        for x in self._al:
+            if len(victims) >= want:
+                break
+            if x != e and x not in self._al_busy and self._al[x].is_set():
+                victims.append(x)
+        if not victims:
+            return
+        for x in victims:  # no await since choosing them
+            del self._al[x]
+        self._al_leaving.update(victims)
+        # An extent may leave the log once nothing sent there is in flight (in
+        # sync mode a write is busy until the secondary answered; async writes
+        # finish first), its dirty bits are in the persisted bitmap, and its
+        # data is on the local disk: after a host crash the primary's image
+        # must not lack a write the secondary has, outside the log.
+        link = self.link
+        if self.mode != "sync" and link is not None and link.failed is None and link.inflight_requests:
+            try:
+                await link.settle()
+            except RepdiskError:
+                pass  # the link failed: its in-flight ranges are marked dirty
+        geo = self.geometry
+        if any(self.dirty.any(*geo.blocks(x << AL_SHIFT, min(1 << AL_SHIFT, geo.size - (x << AL_SHIFT))))
+               for x in victims):
+            await trio.to_thread.run_sync(self._persist)
+        await trio.to_thread.run_sync(self.image.datasync)
+        self.al_evictions += 1
+        self._al_leaving.difference_update(victims)
+        self._al_version += 1
+
+    async def _al_commit(self) -> None:
+        """Persist the log as it is now.  Group commit: misses that arrive
+        while a store runs share the next one."""
+        want = self._al_version
+        async with self._al_lock:
+            if self._al_stored >= want:
+                return
+            version = self._al_version
+            extents = [*self._al, *self._al_leaving]
+            await trio.to_thread.run_sync(self._al_store, extents)
+            self._al_stored = version
+            self.al_writes += 1
 
     # ---- the link ------------------------------------------------------------
     def _new_link(self, uri):
@@ -680,7 +708,7 @@ class PrimaryNode:
             "resync_kind": self.resync_kind,
             "metadata_problem": self.meta_problem,
             "activity_log": {"extents": len(self._al), "extent_bytes": 1 << AL_SHIFT, "max_extents": self.al_extents if self._al_fd is not None else 0,
-                             "writes": self.al_writes},
+                             "writes": self.al_writes, "evictions": self.al_evictions},
         }
         if self.verify.started is not None:
             geo = self.geometry
