@@ -173,3 +173,26 @@ def test_two_plain_files_are_written_at_once_and_reported_per_file(tmp_path):
         assert st.st_size == 8 << 20 and st.st_blocks * 512 >= 8 << 20  # written, not a hole
     per_file = 8 / (r["runtime_ms"] / 2 / 1000)  # fio sums the two jobs' runtimes
     assert r["mibs"] == pytest.approx(per_file, rel=0.5)
+
+
+def test_a_failed_write_phase_keeps_start_up_and_idle_rss():
+    """tools/bench's nodes section: when the 1 GiB of random writes fails (fio
+    timed out), the start-up and idle RSS it measured first still get rows,
+    and the write rows say why they are missing."""
+    MiB = 1 << 20
+    idle = {"primary": 60 * MiB, "secondary": 50 * MiB}
+    res = {"nodes": {"disk_size": 1 << 40, "write": 1024 * MiB, "systems": {
+        "qemu": {"runs": [{"startup": {"primary": 0.2, "secondary": 0.2}, "rss_idle": idle,
+                           "rss_after_writes": idle, "write_iops": 1000.0}], "errors": []},
+        "repdisk": {"runs": [{"startup": {"primary": 0.5, "secondary": 0.4}, "rss_idle": idle}],
+                    "errors": ["fio timed out after 1800s"]}}}}
+    rows = [r for r in report.summarize_all(res)["rows"]
+            if r["section"] == "nodes" and r["target"] == "repdisk"]
+    by = {(r["metric"], r.get("role")): r for r in rows}
+    assert by[("startup", "primary")]["median"] == 0.5
+    assert by[("rss_idle", "secondary")]["median"] == 50
+    assert "timed out" in by[("rss_after_writes", "primary")]["na"]
+    assert "timed out" in by[("write_iops", None)]["na"]
+    qemu = [r for r in report.summarize_all(res)["rows"]
+            if r["section"] == "nodes" and r.get("metric") == "write_iops" and r["target"] == "QEMU"]
+    assert qemu[0]["median"] == 1000.0

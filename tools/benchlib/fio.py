@@ -77,7 +77,7 @@ def run_fio(filename: str | None, options: dict, direct: bool, timeout: float = 
 
 
 def write_random(filename: str, amount: int, region: int, jobs: int = 2, direct: bool = False,
-                 offset: int = 0, seed: int = 0) -> dict:
+                 offset: int = 0, seed: int = 0, timeout: float = 600) -> dict:
     """Write `amount` bytes as distinct random 4 KiB blocks into [offset, offset+region),
     split over `jobs` processes each owning a slice (so no block is written twice)."""
     per_region = region // jobs // 4096 * 4096
@@ -87,4 +87,4 @@ def write_random(filename: str, amount: int, region: int, jobs: int = 2, direct:
             "group_reporting": 1, "size": per_region, "io_size": per_amount,
             "offset": offset, "offset_increment": per_region,
             "randseed": 1000 + seed}
-    return run_fio(filename, opts, direct)
+    return run_fio(filename, opts, direct, timeout=timeout)
