@@ -22,7 +22,7 @@ import time
 import pyfuse3
 import trio
 
-from ..core.errors import RepdiskError
+from ..core.errors import IOFailure, RepdiskError
 from . import fuseloop
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ def fuse_errors(fn):
         except pyfuse3.FUSEError:
             raise
         except RepdiskError as e:
-            log.debug("%s: %s", fn.__name__, e)
+            # the caller's own mistakes (a range past the end, an unknown
+            # command) are its to report; a failing disk is the operator's
+            log.log(logging.ERROR if isinstance(e, IOFailure) else logging.DEBUG, "%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(e.errno) from None
         except Exception:
             log.exception("unexpected error in FUSE handler %s", fn.__name__)
