@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: unlimited), so that a resync does not starve the VM")
     pr.add_argument("--al-extents", type=_number(int, 0, 1 << 20, "a number of extents from 0 to 1048576"), default=1024, help="activity log: 4 MiB extents kept active; a crash "
                     "costs at most this many x 4 MiB of resync (default 1024 = 4 GiB; 0: no log, a crash costs a full sync)")
+    pr.add_argument("--al-durability", choices=("host", "process"), default="host", help="host (default): the log "
+                    "is flushed before a write enters a new extent, so a host crash too costs at most the log's "
+                    "extents of resync; process: the log stays in the page cache, much faster for writes spread "
+                    "over a large disk; a crash of repdisk costs the same, a crash of the host a full sync")
 
     pr.add_argument("--checkpoint-flush", action="store_true", help="every checkpoint also sends NBD FLUSH, so the "
                     "replica is durable up to the last checkpoint (default: a checkpoint waits for the secondary's "

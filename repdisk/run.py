@@ -73,7 +73,8 @@ def run_primary(args) -> int:
                        al_path=f"{prefix}.al" if args.al_extents > 0 else None, al_extents=args.al_extents,
                        io_timeout=args.io_timeout, resync_rate=args.resync_rate,
                        checkpoint_flush=args.checkpoint_flush, batch=args.async_batch,
-                       batch_delay=args.async_batch_delay / 1000, reply_poll_us=args.reply_poll_us)
+                       batch_delay=args.async_batch_delay / 1000, reply_poll_us=args.reply_poll_us,
+                       al_durability=args.al_durability)
 
     async def main():
         # Connect before mounting, so that a secondary of the wrong size is

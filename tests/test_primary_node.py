@@ -385,3 +385,30 @@ def test_an_extent_leaves_the_log_only_once_its_data_is_on_disk(tmp_path):
             stored = ev[1]
             assert len(stored) <= 16 + 1
     assert 0 < syncs < 400 // 4
+
+
+def test_a_log_kept_in_the_page_cache_is_never_flushed(tmp_path, monkeypatch):
+    """--al-durability process: the log is written but not fdatasynced, and
+    evictions do not flush the image; a restart on the same boot still
+    resyncs only the log's extents (the page cache survived)."""
+    import os as _os
+
+    sec = FakeSecondary(SIZE)
+    syncs = []
+    real = _os.fdatasync
+    monkeypatch.setattr(_os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        node.image.datasync = lambda: syncs.append("image")
+        for e in range(30):
+            await node.disk_write(e * EXTENT + 100, b"p" * 5000)
+        assert node.al_writes >= 30 and node.al_evictions > 0
+        assert node.status()["activity_log"]["durability"] == "process"
+
+    node = make_node(tmp_path, sec, al_extents=8, al_durability="process")
+    trio.run(run_node, node, body, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert syncs == []
+    assert not md.load_meta(str(tmp_path / "pri.img.meta")).al_host
+    node2 = make_node(tmp_path, sec, al_extents=8, al_durability="process")  # "kill -9", same boot
+    assert dirty_extents(node2) == list(range(22, 30))

@@ -60,8 +60,12 @@ def test_secondary_killed_and_restarted_resyncs_only_what_changed(nodes, tmp_pat
     assert same_images(pri, sec)
 
 
-def test_primary_killed_during_writes_resyncs_a_bounded_set(nodes, tmp_path):
-    pri, sec = start_pair(nodes, tmp_path, size=SIZE, mode="async")
+@pytest.mark.parametrize("durability", ["host", "process"])
+def test_primary_killed_during_writes_resyncs_a_bounded_set(nodes, tmp_path, durability):
+    """kill -9 keeps the page cache: with either --al-durability the log
+    bounds the resync."""
+    pri, sec = start_pair(nodes, tmp_path, size=SIZE, mode="async", extra=("--al-durability", durability))
+    assert pri.status()["activity_log"]["durability"] == durability
     acked = []  # (offset, data) of writes whose pwrite returned
     pending = []  # the write in progress when the primary was killed: may or may not have landed
     stop = threading.Event()
@@ -216,6 +220,33 @@ def test_secondary_host_crash_means_full_sync(nodes, tmp_path):
     reconnect(pri)
     s = pri.wait_state("replicating")
     assert s["resync_kind"] == "full" and s["sync"]["done"] == SIZE
+    assert same_images(pri, sec)
+
+
+@pytest.mark.parametrize("durability", ["host", "process"])
+def test_primary_host_crash_costs_the_log_only_if_it_was_flushed(nodes, tmp_path, durability):
+    """After an unclean stop across a reboot the primary trusts its activity
+    log only if the log was kept durable (--al-durability host); a log kept in
+    the page cache (process) may have lost extents: everything is resynced."""
+    from repdisk.core import meta as md
+
+    pri, sec = start_pair(nodes, tmp_path, size=SIZE, extra=("--al-durability", durability))
+    for e in range(3):
+        write_file(pri.disk, b"w" * 4096, e * AL_EXTENT + 512)
+    pri.kill()
+    path = str(tmp_path / "pri.img.meta")
+    m = md.load_meta(path)
+    assert not m.clean and m.al_host == (durability == "host") and m.boot == md.boot_id()
+    m.boot = "another-boot"  # as if the host had restarted
+    md.save_meta(path, m)
+    pri.start()
+    s = pri.wait_state("replicating")
+    assert s["resync_kind"] == "incremental"
+    if durability == "host":
+        assert s["sync"]["total"] == 3 * AL_EXTENT, s["sync"]
+    else:
+        assert s["sync"]["total"] == SIZE, s["sync"]
+        assert "full sync" in pri.log()
     assert same_images(pri, sec)
 
 

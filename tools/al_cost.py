@@ -12,7 +12,9 @@ set, so this measures two:
   hot      random writes over --hot bytes (default 1 GiB), which fit in the log
 
 For each, a fresh sync-mode repdisk pair (unix socket) with the default log
-and one with `--al-extents 0` (no log: a crash means a full resync) runs fio
+("log", --al-durability host), one with the log in the page cache ("cached",
+--al-durability process: a host crash means a full resync) and one with
+`--al-extents 0` (no log: any crash means a full resync) runs fio
 psync QD1 with 2 jobs for --runtime seconds, then fsyncs disk.img, --reps
 times.  It prints the median IOPS counting the time of that flush (without
 the log the image's dirty pages wait in the page cache and the flush pays
@@ -21,7 +23,7 @@ p50/p99 latency, log updates per write, evictions, and the log's ratio to
 no log.
 
 Usage: .venv/bin/python tools/al_cost.py [--size BYTES] [--hot BYTES]
-       [--runtime S] [--reps N]   (run as root, like tools/bench)
+       [--runtime S] [--reps N] [--case spread|hot]   (run as root, like tools/bench)
 """
 
 import argparse
@@ -61,6 +63,10 @@ def measure(work: str, size: int, region: int, al: list[str], runtime: int) -> d
             os.close(fd)
         flush_s = time.monotonic() - t0
         al1 = pair.status("primary")["activity_log"]
+    except Exception:
+        for name, proc in pair.procs.items():  # the nodes' own account, before the work dir goes
+            print(f"{name} log: {proc.tail(12)}", file=sys.stderr)
+        raise
     finally:
         pair.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -77,15 +83,19 @@ def main() -> int:
     ap.add_argument("--hot", type=parse_size, default=1 << 30, help="the hot working set (default 1G)")
     ap.add_argument("--runtime", type=int, default=20, help="seconds per fio run (default 20)")
     ap.add_argument("--reps", type=int, default=3, help="runs per case (default 3)")
+    ap.add_argument("--case", action="append", choices=("spread", "hot"), help="only this case (repeatable)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix=".benchtmp-al-", dir=os.getcwd())
     try:
         for case, region in (("spread", args.size), ("hot", args.hot)):
+            if args.case and case not in args.case:
+                continue
             medians = {}
-            for name, al in (("log", []), ("no log", ["--al-extents", "0"])):
+            for name, al in (("log", []), ("cached", ["--al-durability", "process"]),
+                             ("no log", ["--al-extents", "0"])):
                 runs = []
                 for rep in range(args.reps):
-                    runs.append(measure(os.path.join(work, f"{case}-{len(al)}-{rep}"),
+                    runs.append(measure(os.path.join(work, f"{case}-{name.replace(' ', '')}-{rep}"),
                                         args.size, region, al, args.runtime))
                 m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 medians[name] = m
@@ -95,9 +105,10 @@ def main() -> int:
                       f"flush {m['flush_s']:.1f} s)  p50 {m['p50_us']:.0f}  p99 {m['p99_us']:.0f} us"
                       f"  log writes/write {m['al_writes_per_io']:.2f}  evictions {m['evictions']:.0f}",
                       flush=True)
-            print(f"{case:6s}: log / no log = {medians['log']['durable_iops'] / medians['no log']['durable_iops']:.2f}"
-                  f" with the flush, {medians['log']['iops'] / medians['no log']['iops']:.2f} before it",
-                  flush=True)
+            for name in ("log", "cached"):
+                print(f"{case:6s}: {name} / no log = "
+                      f"{medians[name]['durable_iops'] / medians['no log']['durable_iops']:.2f} with the flush, "
+                      f"{medians[name]['iops'] / medians['no log']['iops']:.2f} before it", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

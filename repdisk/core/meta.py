@@ -66,6 +66,7 @@ class Meta:
     clean: bool = False  # True only when written by a clean stop
     nbits: int = 0  # bits in `bitmap`
     boot: str = ""  # the kernel's boot id when the node last started: tells a host crash from a process crash
+    al_host: bool = True  # primary: its activity log was kept durable (fdatasync), so it survives a host crash
     bitmap: bitarray | None = field(default=None, repr=False)  # primary: blocks not on the secondary (nbits)
 
 
@@ -88,7 +89,8 @@ def new_gen() -> int:
 
 def encode_meta(m: Meta) -> bytes:
     doc = {"node": m.node, "disk": m.disk, "gen": m.gen, "peer_gen": m.peer_gen, "epoch": m.epoch,
-           "clean": m.clean, "nbits": m.nbits if m.bitmap is not None else 0, "boot": m.boot}
+           "clean": m.clean, "nbits": m.nbits if m.bitmap is not None else 0, "boot": m.boot,
+           "al_host": m.al_host}
     js = json.dumps(doc, sort_keys=True).encode()
     bm = b"" if m.bitmap is None else sc_encode(m.bitmap)
     crc = zlib.crc32(bm, zlib.crc32(js))
@@ -114,7 +116,7 @@ def decode_meta(data: bytes) -> Meta:
         doc = json.loads(js)
         m = Meta(node=str(doc["node"]), disk=doc["disk"], gen=int(doc["gen"]), peer_gen=int(doc["peer_gen"]),
                  epoch=int(doc["epoch"]), clean=bool(doc["clean"]), nbits=int(doc["nbits"]),
-                 boot=str(doc.get("boot", "")))
+                 boot=str(doc.get("boot", "")), al_host=bool(doc.get("al_host", True)))
     except (ValueError, KeyError, TypeError) as e:
         raise MetaError(f"bad content: {e}") from None
     if blen:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SYNC_CHUNK = 4 << 20  # bytes per sync request
 AL_SHIFT = 22  # activity-log extent: 4 MiB
 AL_SLOTS = 1024  # extents kept active: a crash costs at most 1024 x 4 MiB = 4 GiB of resync
+AL_DURABILITY = ("host", "process")  # what crash the activity log survives (--al-durability)
 AL_EVICT_DIVISOR = 16  # a full log evicts 1/16 of its extents at once (one image flush)
 INLINE_WAIT_MS = 2  # sync mode: how long a lone write may block the loop for its reply
 REPLY_POLL_US = 200  # sync mode: how long it may poll for the reply before sleeping (ReplicaLink.set_reply_poll)
@@ -60,7 +61,7 @@ class PrimaryNode:
                  link_factory=None, meta_path: str | None = None, al_path: str | None = None,
                  al_extents: int = AL_SLOTS, io_timeout: float = 10.0, resync_rate: int = 0,
                  checkpoint_flush: bool = False, batch: int = 64, batch_delay: float = 0.005,
-                 reply_poll_us: int = REPLY_POLL_US):
+                 reply_poll_us: int = REPLY_POLL_US, al_durability: str = "host"):
         self.image = image
         self.geometry = Geometry(image.size, block_size)
         self.uri = uri
@@ -95,6 +96,13 @@ class PrimaryNode:
         self._plain = False  # the secondary is a plain NBD server (no repdisk identity)
         self.meta_path, self.al_path = meta_path, al_path
         self.al_extents = al_extents
+        if al_durability not in AL_DURABILITY:
+            raise ValueError(f"activity-log durability must be one of {', '.join(AL_DURABILITY)}")
+        # "host": the log and evicted extents' data are flushed (fdatasync), so
+        # a host crash too costs at most the log's extents of resync;
+        # "process": the log stays in the page cache, which survives a crash of
+        # this process but not of the host: then the whole disk is resynced.
+        self.al_durability = al_durability
         self.io_timeout = io_timeout
         self.resync_rate = resync_rate  # bytes/s of (re)sync, 0: unlimited
         self.checkpoint_flush = checkpoint_flush  # every checkpoint also sends NBD FLUSH
@@ -192,10 +200,16 @@ class PrimaryNode:
                 log.warning("%s: no dirty bitmap for %d blocks: full sync", self.meta_path, nblocks)
                 dirty.set_all()
             if not m.clean:
-                self._recover_al(dirty)
+                if not m.al_host and m.boot != md.boot_id():
+                    log.error("unclean stop across a reboot of the host, and the activity log was kept "
+                              "in the page cache only (--al-durability process): full sync")
+                    dirty.set_all()
+                else:
+                    self._recover_al(dirty)
         if assume_synced:
             dirty.clear_all()
         m.clean = False
+        m.boot, m.al_host = md.boot_id(), self.al_durability == "host"
         self.meta = m
         self.epoch = m.epoch  # before persisting: _persist writes self.epoch back
         self._persist()  # the restored set (bitmap + activity log) is now in the bitmap
@@ -237,7 +251,8 @@ class PrimaryNode:
     def _al_store(self, extents) -> None:
         data = md.encode_al(AL_SHIFT, list(extents))
         os.pwrite(self._al_fd, data, 0)
-        os.fdatasync(self._al_fd)
+        if self.al_durability == "host":
+            os.fdatasync(self._al_fd)
 
     async def _al_enter(self, e0: int, e1: int) -> None:
         """Make extents e0..e1 active (persisted in the log) before data is written there."""
@@ -291,7 +306,8 @@ class PrimaryNode:
         if any(self.dirty.any(*geo.blocks(x << AL_SHIFT, min(1 << AL_SHIFT, geo.size - (x << AL_SHIFT))))
                for x in victims):
             await trio.to_thread.run_sync(self._persist)
-        await trio.to_thread.run_sync(self.image.datasync)
+        if self.al_durability == "host":
+            await trio.to_thread.run_sync(self.image.datasync)
         self.al_evictions += 1
         self._al_leaving.difference_update(victims)
         self._al_version += 1
@@ -305,7 +321,10 @@ class PrimaryNode:
                 return
             version = self._al_version
             extents = [*self._al, *self._al_leaving]
-            await trio.to_thread.run_sync(self._al_store, extents)
+            if self.al_durability == "host":
+                await trio.to_thread.run_sync(self._al_store, extents)
+            else:  # a page-cache write: cheaper inline than a thread hop
+                self._al_store(extents)
             self._al_stored = version
             self.al_writes += 1
 
@@ -708,7 +727,8 @@ class PrimaryNode:
             "resync_kind": self.resync_kind,
             "metadata_problem": self.meta_problem,
             "activity_log": {"extents": len(self._al), "extent_bytes": 1 << AL_SHIFT, "max_extents": self.al_extents if self._al_fd is not None else 0,
-                             "writes": self.al_writes, "evictions": self.al_evictions},
+                             "writes": self.al_writes, "evictions": self.al_evictions,
+                             "durability": self.al_durability},
         }
         if self.verify.started is not None:
             geo = self.geometry
