@@ -361,7 +361,7 @@ def test_an_extent_leaves_the_log_only_once_its_data_is_on_disk(tmp_path):
         await wait_state(node, st.P_REPLICATING)
         real_sync, real_store = node.image.datasync, node._al_store
         node.image.datasync = lambda: (events.append(("sync",)), real_sync())
-        node._al_store = lambda ext: (events.append(("store", set(ext))), real_store(ext))
+        node._al_store = lambda data: (events.append(("store", set(md.decode_al(data)[1]))), real_store(data))
         rng = __import__("random").Random(5)
         for i in range(400):
             e = rng.randrange(SIZE // EXTENT)

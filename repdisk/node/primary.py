@@ -110,7 +110,8 @@ class PrimaryNode:
         self.meta = self._load_meta(assume_synced)
         # Activity log: extents that may hold writes the secondary has not acknowledged.
         self._al: collections.OrderedDict[int, trio.Event] = collections.OrderedDict()  # LRU first
-        self._al_leaving: set[int] = set()  # evicted, not yet safe to drop from the file
+        self._al_file = md.AlSlots(AL_SHIFT)  # what the log file holds: the active extents and evicted ones not yet safe to drop
+        self._al_leaving: dict[int, int] = {}  # extent -> evictions of it in progress
         # extent -> writes in progress there (a plain dict: Counter's Python-level
         # __missing__/__delitem__ cost ~4% of the primary's CPU per write)
         self._al_busy: dict[int, int] = {}
@@ -123,7 +124,7 @@ class PrimaryNode:
         if al_path is not None:
             self._al_fd = os.open(al_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             os.ftruncate(self._al_fd, 0)
-            self._al_store([])
+            self._al_store(self._al_file.encode())
         self.verify = Progress()
         self.verify_diffs: list[tuple[int, int]] = []  # differing block runs [first, end)
         self.verify_result: str | None = None
@@ -248,8 +249,7 @@ class PrimaryNode:
             log.error("cannot write metadata %s: %s", self.meta_path, e)
         m.bitmap = None
 
-    def _al_store(self, extents) -> None:
-        data = md.encode_al(AL_SHIFT, list(extents))
+    def _al_store(self, data: bytes) -> None:
         os.pwrite(self._al_fd, data, 0)
         if self.al_durability == "host":
             os.fdatasync(self._al_fd)
@@ -267,6 +267,7 @@ class PrimaryNode:
 
     async def _al_add(self, e: int) -> None:
         ev = self._al[e] = trio.Event()
+        self._al_file.add(e)
         self._al_version += 1
         try:
             if len(self._al) > self.al_extents:
@@ -288,9 +289,10 @@ class PrimaryNode:
                 victims.append(x)
         if not victims:
             return
-        for x in victims:  # no await since choosing them
+        leaving = self._al_leaving
+        for x in victims:  # no await since choosing them (they stay in the file until below)
             del self._al[x]
-        self._al_leaving.update(victims)
+            leaving[x] = leaving.get(x, 0) + 1
         # An extent may leave the log once nothing sent there is in flight (in
         # sync mode a write is busy until the secondary answered; async writes
         # finish first), its dirty bits are in the persisted bitmap, and its
@@ -309,7 +311,12 @@ class PrimaryNode:
         if self.al_durability == "host":
             await trio.to_thread.run_sync(self.image.datasync)
         self.al_evictions += 1
-        self._al_leaving.difference_update(victims)
+        for x in victims:
+            leaving[x] -= 1
+            if not leaving[x]:
+                del leaving[x]
+                if x not in self._al:  # unless a write made it active again meanwhile
+                    self._al_file.discard(x)
         self._al_version += 1
 
     async def _al_commit(self) -> None:
@@ -320,11 +327,11 @@ class PrimaryNode:
             if self._al_stored >= want:
                 return
             version = self._al_version
-            extents = [*self._al, *self._al_leaving]
+            data = self._al_file.encode()
             if self.al_durability == "host":
-                await trio.to_thread.run_sync(self._al_store, extents)
+                await trio.to_thread.run_sync(self._al_store, data)
             else:  # a page-cache write: cheaper inline than a thread hop
-                self._al_store(extents)
+                self._al_store(data)
             self._al_stored = version
             self.al_writes += 1
 
