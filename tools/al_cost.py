@@ -74,7 +74,7 @@ def measure(work: str, size: int, region: int, al: list[str], runtime: int) -> d
     return {"iops": r["iops"], "p50_us": r["p50_us"], "p99_us": r["p99_us"], "flush_s": flush_s,
             "durable_iops": r["ios"] / (r["runtime_ms"] / 1000 + flush_s),
             "al_writes_per_io": (al1["writes"] - al0["writes"]) / ios,
-            "evictions": al1.get("evictions", 0) - al0.get("evictions", 0)}
+            "evictions": al1["evictions"] - al0["evictions"]}
 
 
 def main() -> int:

@@ -452,7 +452,7 @@ def section_nodes(cfg: Config, work: str, res: dict, have_repdisk: bool):
             except (BenchError, OSError) as e:
                 sres["errors"].append(str(e))
                 log(f"  {system}: error: {e}")
-                for name, proc in getattr(pair, "procs", {}).items():
+                for name, proc in pair.procs.items():
                     log(f"  {name} log: {proc.tail(12)}")  # before the work dir goes
             remove_tree(d)
 

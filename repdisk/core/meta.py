@@ -180,11 +180,6 @@ AL_HEADER = struct.Struct(
 AL_EMPTY = (1 << 64) - 1
 
 
-def encode_al(shift: int, slots: list[int]) -> bytes:
-    body = struct.pack(f"<{len(slots)}Q", *slots)
-    return AL_HEADER.pack(AL_MAGIC, AL_VERSION, zlib.crc32(body), shift, len(slots)) + body
-
-
 class AlSlots:
     """The activity log as it is stored, kept encoded: adding or dropping an
     extent changes one 8-byte slot (a dropped one becomes AL_EMPTY and is
@@ -197,12 +192,6 @@ class AlSlots:
         self._slot: dict[int, int] = {}  # extent -> slot
         self._free: list[int] = []
         self._body = bytearray()
-
-    def __contains__(self, e: int) -> bool:
-        return e in self._slot
-
-    def __len__(self) -> int:
-        return len(self._slot)
 
     def add(self, e: int) -> None:
         if e in self._slot:
