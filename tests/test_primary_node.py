@@ -412,3 +412,76 @@ def test_a_log_kept_in_the_page_cache_is_never_flushed(tmp_path, monkeypatch):
     assert not md.load_meta(str(tmp_path / "pri.img.meta")).al_host
     node2 = make_node(tmp_path, sec, al_extents=8, al_durability="process")  # "kill -9", same boot
     assert dirty_extents(node2) == list(range(22, 30))
+
+
+def test_a_log_store_that_fails_leaves_the_extent_out_of_the_log(tmp_path):
+    """When the activity log cannot be written, the write that needed it fails
+    and touches neither disk, and the extent is not taken as logged: the next
+    write there stores the log again instead of going ahead unlogged."""
+    import os as _os
+
+    import pytest
+
+    from repdisk.core.errors import IOFailure
+
+    sec = FakeSecondary(SIZE)
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        good = node._al_fd
+        node._al_fd = _os.open(node.al_path, _os.O_RDONLY)  # a real failure: pwrite gets EBADF
+        try:
+            with pytest.raises(IOFailure, match="activity log"):
+                await node.disk_write(3 * EXTENT + 512, b"x" * 4096)
+            with pytest.raises(IOFailure):  # still not logged: it tries (and fails) again
+                await node.disk_write(3 * EXTENT + 512, b"y" * 4096)
+        finally:
+            _os.close(node._al_fd)
+            node._al_fd = good
+        assert node.image.pread(3 * EXTENT + 512, 4096) == bytes(4096)
+        assert sec.data[3 * EXTENT + 512 : 3 * EXTENT + 512 + 4096] == bytes(4096)
+        await node.disk_write(3 * EXTENT + 512, b"z" * 4096)
+        with open(node.al_path, "rb") as f:
+            assert 3 in md.decode_al(f.read())[1]
+        assert node.image.pread(3 * EXTENT + 512, 4096) == b"z" * 4096
+
+    node = make_node(tmp_path, sec, al_extents=64)
+    trio.run(run_node, node, body, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_an_eviction_whose_image_flush_fails_keeps_its_extents_in_the_log(tmp_path):
+    """An extent leaves the log only once its data is on disk: when the image
+    flush of an eviction fails, the evicted extents stay in the stored log
+    (and in the node's view of it), and the write that needed room fails."""
+    import errno
+
+    import pytest
+
+    from repdisk.core.errors import IOFailure
+
+    sec = FakeSecondary(SIZE)
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        for e in range(4):
+            await node.disk_write(e * EXTENT, b"a" * 4096)
+        real = node.image.datasync
+
+        def failing():
+            raise IOFailure("datasync", OSError(errno.EIO, "Input/output error"))
+
+        node.image.datasync = failing
+        with pytest.raises(IOFailure):
+            await node.disk_write(9 * EXTENT, b"b" * 4096)
+        with open(node.al_path, "rb") as f:
+            assert set(md.decode_al(f.read())[1]) >= {0, 1, 2, 3}
+        assert set(node._al) == {0, 1, 2, 3}
+        node.image.datasync = real
+        await node.disk_write(9 * EXTENT, b"b" * 4096)
+        with open(node.al_path, "rb") as f:
+            held = set(md.decode_al(f.read())[1])
+        assert 9 in held and len(held) <= 4 and node.al_evictions == 1
+
+    node = make_node(tmp_path, sec, al_extents=4)
+    node._al_batch = 1
+    trio.run(run_node, node, body, clock=trio.testing.MockClock(autojump_threshold=0))

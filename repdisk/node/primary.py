@@ -250,9 +250,12 @@ class PrimaryNode:
         m.bitmap = None
 
     def _al_store(self, data: bytes) -> None:
-        os.pwrite(self._al_fd, data, 0)
-        if self.al_durability == "host":
-            os.fdatasync(self._al_fd)
+        try:
+            os.pwrite(self._al_fd, data, 0)
+            if self.al_durability == "host":
+                os.fdatasync(self._al_fd)
+        except OSError as e:
+            raise IOFailure(f"activity log {self.al_path}: cannot store it", e) from None
 
     async def _al_enter(self, e0: int, e1: int) -> None:
         """Make extents e0..e1 active (persisted in the log) before data is written there."""
@@ -264,16 +267,27 @@ class PrimaryNode:
                 self._al.move_to_end(e)
                 if not ev.is_set():
                     await ev.wait()
+                    if self._al.get(e) is not ev:  # the store we waited for failed: try ours
+                        await self._al_add(e)
 
     async def _al_add(self, e: int) -> None:
         ev = self._al[e] = trio.Event()
         self._al_file.add(e)
         self._al_version += 1
+        stored = False
         try:
             if len(self._al) > self.al_extents:
                 await self._al_evict(e)
             await self._al_commit()
+            stored = True
         finally:
+            if not stored and self._al.get(e) is ev:
+                # Not in the log after all: the write that needed it fails, and
+                # the next write there (or one waiting on `ev`) stores it again.
+                del self._al[e]
+                if e not in self._al_leaving:
+                    self._al_file.discard(e)
+                self._al_version += 1
             ev.set()
 
     async def _al_evict(self, e: int) -> None:
@@ -299,24 +313,34 @@ class PrimaryNode:
         # data is on the local disk: after a host crash the primary's image
         # must not lack a write the secondary has, outside the log.
         link = self.link
-        if self.mode != "sync" and link is not None and link.failed is None and link.inflight_requests:
-            try:
-                await link.settle()
-            except RepdiskError:
-                pass  # the link failed: its in-flight ranges are marked dirty
         geo = self.geometry
-        if any(self.dirty.any(*geo.blocks(x << AL_SHIFT, min(1 << AL_SHIFT, geo.size - (x << AL_SHIFT))))
-               for x in victims):
-            await trio.to_thread.run_sync(self._persist)
-        if self.al_durability == "host":
-            await trio.to_thread.run_sync(self.image.datasync)
-        self.al_evictions += 1
-        for x in victims:
-            leaving[x] -= 1
-            if not leaving[x]:
-                del leaving[x]
-                if x not in self._al:  # unless a write made it active again meanwhile
+        flushed = False
+        try:
+            if self.mode != "sync" and link is not None and link.failed is None and link.inflight_requests:
+                try:
+                    await link.settle()
+                except RepdiskError:
+                    pass  # the link failed: its in-flight ranges are marked dirty
+            if any(self.dirty.any(*geo.blocks(x << AL_SHIFT, min(1 << AL_SHIFT, geo.size - (x << AL_SHIFT))))
+                   for x in victims):
+                await trio.to_thread.run_sync(self._persist)
+            if self.al_durability == "host":
+                await trio.to_thread.run_sync(self.image.datasync)
+            flushed = True
+        finally:
+            for x in victims:
+                leaving[x] -= 1
+                if not leaving[x]:
+                    del leaving[x]
+                if x in self._al:  # a write made it active again meanwhile
+                    continue
+                if not flushed:  # its data may not be on disk: it stays in the log
+                    back = self._al[x] = trio.Event()
+                    back.set()
+                    self._al.move_to_end(x, last=False)
+                elif x not in leaving:
                     self._al_file.discard(x)
+        self.al_evictions += 1
         self._al_version += 1
 
     async def _al_commit(self) -> None:
