@@ -434,3 +434,39 @@ def test_an_eviction_whose_image_flush_fails_keeps_its_extents_in_the_log(tmp_pa
     node = make_node(tmp_path, sec, al_extents=4)
     node._al_batch = 1
     trio.run(run_node, node, body)
+
+
+def test_an_eviction_that_cannot_write_the_bitmap_keeps_its_extents_in_the_log(tmp_path, sec):
+    """While degraded, an extent's dirty bits must be in the persisted bitmap
+    before it leaves the log.  When the metadata cannot be written (here its
+    directory is gone: ENOENT), the eviction fails, the write that needed room
+    fails, and nothing leaves the log; once the metadata can be written again,
+    a crash still resyncs every degraded write."""
+    from repdisk.core.errors import IOFailure
+
+    meta_dir = tmp_path / "meta"
+    meta_dir.mkdir()
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await trio.to_thread.run_sync(sec.stop)
+        await wait_state(node, st.P_DEGRADED)
+        for e in range(4):
+            await node.disk_write(e * EXTENT, b"d" * 4096)
+        shutil.rmtree(meta_dir)
+        with pytest.raises(IOFailure, match="cannot write metadata"):
+            await node.disk_write(7 * EXTENT, b"e" * 4096)
+        assert set(node._al) == {0, 1, 2, 3}
+        with open(node.al_path, "rb") as f:
+            assert set(md.decode_al(f.read())[1]) == {0, 1, 2, 3}
+        meta_dir.mkdir()
+        await node.disk_write(7 * EXTENT, b"e" * 4096)
+        assert 7 in node._al and node.al_evictions == 1
+
+    image = RawImage.open(str(tmp_path / "pri.img"), SIZE)
+    kw = dict(meta_path=str(meta_dir / "pri.img.meta"), al_path=str(tmp_path / "pri.img.al"), al_extents=4)
+    node = PrimaryNode(image, uri=sec.uri, io_timeout=0, **kw)
+    node._al_batch = 1
+    trio.run(run_node, node, body)
+    again = PrimaryNode(RawImage.open(str(tmp_path / "pri.img"), SIZE), uri=sec.uri, io_timeout=0, **kw)  # "kill -9"
+    assert {0, 1, 2, 3, 7} <= set(dirty_extents(again))

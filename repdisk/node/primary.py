@@ -233,9 +233,11 @@ class PrimaryNode:
         log.warning("unclean stop: %d activity-log extents (%d bytes) will be resynced",
                     len(extents), len(extents) << shift)
 
-    def _persist(self) -> None:
+    def _persist(self, strict: bool = False) -> None:
         """Write the metadata (with the dirty bitmap) atomically.  Blocking, but
-        only at state changes, start, stop and activity-log evictions."""
+        only at state changes, start, stop and activity-log evictions.  A
+        failure is logged; with `strict` (an eviction, which may drop extents
+        from the log only once their dirty bits are on disk) it is raised."""
         if self.meta_path is None:
             return
         m = self.meta
@@ -246,8 +248,11 @@ class PrimaryNode:
         try:
             md.save_meta(self.meta_path, m)
         except OSError as e:
+            if strict:
+                raise IOFailure(f"cannot write metadata {self.meta_path}", e) from None
             log.error("cannot write metadata %s: %s", self.meta_path, e)
-        m.bitmap = None
+        finally:
+            m.bitmap = None
 
     def _al_store(self, data: bytes) -> None:
         try:
@@ -323,7 +328,7 @@ class PrimaryNode:
                     pass  # the link failed: its in-flight ranges are marked dirty
             if any(self.dirty.any(*geo.blocks(x << AL_SHIFT, min(1 << AL_SHIFT, geo.size - (x << AL_SHIFT))))
                    for x in victims):
-                await trio.to_thread.run_sync(self._persist)
+                await trio.to_thread.run_sync(self._persist, True)
             if self.al_durability == "host":
                 await trio.to_thread.run_sync(self.image.datasync)
             flushed = True
