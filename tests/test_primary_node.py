@@ -385,6 +385,18 @@ def test_a_log_store_that_fails_leaves_the_extent_out_of_the_log(tmp_path, sec):
                 await node.disk_write(3 * EXTENT + 512, b"x" * 4096)
             with pytest.raises(IOFailure):  # still not logged: it tries (and fails) again
                 await node.disk_write(3 * EXTENT + 512, b"y" * 4096)
+            failed = []
+
+            async def write(data):
+                try:
+                    await node.disk_write(3 * EXTENT + 512, data)
+                except IOFailure:
+                    failed.append(data)
+
+            async with trio.open_nursery() as n:  # the second waits for the first's store, then tries its own
+                n.start_soon(write, b"1" * 4096)
+                n.start_soon(write, b"2" * 4096)
+            assert sorted(failed) == [b"1" * 4096, b"2" * 4096]
         finally:
             _os.close(node._al_fd)
             node._al_fd = good
