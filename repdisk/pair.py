@@ -35,6 +35,9 @@ def run_pair(args) -> int:
     exe = [sys.executable, "-m", "repdisk"]
     size = ["--size", args.size]
     procs = []
+    # Ctrl-C and SIGTERM stop the pair, even when SIGINT came in ignored (a
+    # shell starts background jobs with SIGINT ignored, and Python keeps that).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     try:

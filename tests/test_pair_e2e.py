@@ -4,13 +4,14 @@ a seeded random workload checked against the model after every step."""
 import errno
 import os
 import random
+import signal
 import subprocess
 import sys
 
 import pytest
 
 from model import PairModel
-from nodes import needs_fuse, read_file, write_file
+from nodes import lazy_unmount, needs_fuse, read_file, wait_until, write_file
 
 pytestmark = needs_fuse
 
@@ -271,3 +272,47 @@ def test_write_buffers_reuse_the_heap(nodes, tmp_path):
     assert faults < 2048, f"{faults / 256:.1f} minor faults per MiB written"
     assert pri.status()["state"] == "replicating"
     assert subprocess.run(["cmp", pri.disk, pri.image]).returncode == 0
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_repdisk_pair_runs_the_main_job_and_stops_on_a_signal(tmp_path, stop):
+    """`repdisk pair` (what tools/run starts): both nodes come up under
+    ROOT/mount, a write to the primary reaches the secondary's view after a
+    checkpoint on both, and SIGINT or SIGTERM stops both nodes and unmounts,
+    also when SIGINT came in ignored (a background job of a shell script)."""
+    root = tmp_path / "root"
+    proc = subprocess.Popen([sys.executable, "-m", "repdisk", "pair", "--root", str(root), "--size", "16M"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    pri, sec = root / "mount" / "primary", root / "mount" / "secondary"
+    try:
+        wait_until(lambda: _replicating(pri / "control"), timeout=60, what="the pair to replicate")
+        data = random.Random(3).randbytes(1 << 20)
+        write_file(str(pri / "disk.img"), data, 5 << 20, fsync=True)
+        for mount in (pri, sec):
+            with open(mount / "control", "w") as f:
+                f.write("checkpoint\n")
+        assert read_file(str(sec / "disk.img"), 5 << 20, 1 << 20) == data
+        proc.send_signal(stop)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            for mount in (pri, sec):
+                lazy_unmount(str(mount))
+    assert proc.returncode == 0, out
+    assert "pair stopped" in out
+    with open("/proc/mounts") as f:
+        mounted = f.read()
+    assert str(pri) not in mounted and str(sec) not in mounted
+
+
+def _replicating(control) -> bool:
+    import json
+
+    try:
+        with open(control) as f:
+            return json.load(f)["state"] == "replicating"
+    except (OSError, ValueError):
+        return False
