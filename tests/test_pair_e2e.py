@@ -2,6 +2,7 @@
 a seeded random workload checked against the model after every step."""
 
 import errno
+import json
 import os
 import random
 import signal
@@ -309,8 +310,6 @@ def test_repdisk_pair_runs_the_main_job_and_stops_on_a_signal(tmp_path, stop):
 
 
 def _replicating(control) -> bool:
-    import json
-
     try:
         with open(control) as f:
             return json.load(f)["state"] == "replicating"
