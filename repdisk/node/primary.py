@@ -225,13 +225,19 @@ class PrimaryNode:
             log.error("unclean stop and no usable activity log (%s): full sync", e)
             dirty.set_all()
             return
-        geo = self.geometry
         for e in extents:
-            start = e << shift
-            if start < geo.size:
-                dirty.set(*geo.blocks(start, min(1 << shift, geo.size - start)))
+            blocks = self._extent_blocks(e, shift)
+            if blocks is not None:
+                dirty.set(*blocks)
         log.warning("unclean stop: %d activity-log extents (%d bytes) will be resynced",
                     len(extents), len(extents) << shift)
+
+    def _extent_blocks(self, e: int, shift: int = AL_SHIFT) -> tuple[int, int] | None:
+        """Blocks [first, end) of log extent `e` (clipped to the disk); None past its end."""
+        start = e << shift
+        if start >= self.geometry.size:
+            return None
+        return self.geometry.blocks(start, min(1 << shift, self.geometry.size - start))
 
     def _persist(self, strict: bool = False) -> None:
         """Write the metadata (with the dirty bitmap) atomically.  Blocking, but
@@ -318,7 +324,6 @@ class PrimaryNode:
         # data is on the local disk: after a host crash the primary's image
         # must not lack a write the secondary has, outside the log.
         link = self.link
-        geo = self.geometry
         flushed = False
         try:
             if self.mode != "sync" and link is not None and link.failed is None and link.inflight_requests:
@@ -326,8 +331,7 @@ class PrimaryNode:
                     await link.settle()
                 except RepdiskError:
                     pass  # the link failed: its in-flight ranges are marked dirty
-            if any(self.dirty.any(*geo.blocks(x << AL_SHIFT, min(1 << AL_SHIFT, geo.size - (x << AL_SHIFT))))
-                   for x in victims):
+            if any(self.dirty.any(*self._extent_blocks(x)) for x in victims):
                 await trio.to_thread.run_sync(self._persist, True)
             if self.al_durability == "host":
                 await trio.to_thread.run_sync(self.image.datasync)
