@@ -231,6 +231,7 @@ class _Req:
     __slots__ = (
         "link", "op", "ctr", "offset", "length", "buf", "nbytes", "flags", "then_flush",
         "seq", "first", "last", "pending", "dependents", "task", "done", "error", "then", "then_error",
+        "after",
     )
 
     def __init__(self, link, op, ctr, offset, length, buf, nbytes, flags=0):
@@ -251,7 +252,8 @@ class _Req:
         self.done = False
         self.error = None
         self.then = None  # the caller's `then`, run when this (last) piece is started
-        self.then_error = None  # what it raised, for the caller
+        self.then_error = None  # what it raised (or `after` raised), for the caller
+        self.after = None  # the caller's `after`, run when this piece succeeded
 
     def reply(self, err) -> int:
         # Completion callback, called from inside libnbd: record and return.
@@ -634,7 +636,8 @@ class ReplicaLink:
     # The hot path (a write of at most one chunk with capacity to spare) is
     # synchronous from admission to aio_pwrite: no await, no coroutine layer.
 
-    async def write(self, buf, offset: int, *, fua: bool = False, wait: bool = True, then=None) -> None:
+    async def write(self, buf, offset: int, *, fua: bool = False, wait: bool = True, then=None,
+                    after=None) -> None:
         """buf: bytes or any buffer the caller does not modify until the reply;
         libnbd sends from it directly (no copy).  `then`: a plain callable run
         when the write's last piece is started (handed to libnbd, or queued
@@ -642,7 +645,12 @@ class ReplicaLink:
         started, before waiting for the reply (the primary writes its own disk
         there, while the secondary works); not run if nothing is started (an
         empty or refused write, a failure before that); its exception
-        propagates to the caller."""
+        propagates to the caller.  `after(offset, length)`: a plain callable
+        run for each piece (request) of the write once the server reported
+        its success, as the reply is handled, before any later overlapping
+        request is sent (the primary's replica-first writes write their own
+        disk there); not run for a piece that failed.  Needs wait=True: its
+        exception propagates to the caller once the write is done."""
         if type(buf) is bytes:
             length = len(buf)
         else:
@@ -655,9 +663,10 @@ class ReplicaLink:
             if not length:
                 return
         if fua or length > self._chunk:
-            return await self._write_chunks(memoryview(buf), offset, length, fua, wait, then)
+            return await self._write_chunks(memoryview(buf), offset, length, fua, wait, then, after)
         req = _Req(self, _WRITE, self._wctr, offset, length, buf, length)
         req.then = then
+        req.after = after
         if self._admit_q or self._nreq >= self.max_requests or (self._nbytes + length > self.max_bytes and self._nreq):
             await self._admit_slow(req, offset + length)  # started by _pump, in arrival order
         else:
@@ -670,6 +679,8 @@ class ReplicaLink:
             raise req.then_error
         if wait:
             await self._wait_req(req)
+            if req.then_error is not None:
+                raise req.then_error
 
     def _wait_inline(self, req) -> None:
         """Block for req's reply (module doc, "Waiting inline"); return early,
@@ -725,7 +736,7 @@ class ReplicaLink:
         except nbd.Error as e:
             self._fail(ReplicaError(f"connection to {self.uri} lost: {_nbd_message(e)}", e.errnum))
 
-    async def _write_chunks(self, mv, offset, length, fua, wait, then) -> None:
+    async def _write_chunks(self, mv, offset, length, fua, wait, then, after) -> None:
         flags = 0
         then_flush = False
         if fua:
@@ -740,6 +751,7 @@ class ReplicaLink:
             n = min(chunk, length - pos)
             req = _Req(self, _WRITE, self._wctr, offset + pos, n, mv[pos : pos + n], n, flags)
             req.then_flush = then_flush
+            req.after = after
             if pos + n == length:
                 req.then = then
             await self._issue(req, end)
@@ -754,21 +766,24 @@ class ReplicaLink:
         if wait:
             for req in reqs:
                 await self._wait_req(req)
+            for req in reqs:
+                if req.then_error is not None:
+                    raise req.then_error
 
-    async def zero(self, offset: int, length: int, *, wait: bool = True, then=None) -> None:
-        """NBD WRITE_ZEROES, holes allowed (no NO_HOLE flag).  `then` as in write()."""
+    async def zero(self, offset: int, length: int, *, wait: bool = True, then=None, after=None) -> None:
+        """NBD WRITE_ZEROES, holes allowed (no NO_HOLE flag).  `then` and `after` as in write()."""
         self._check(_ZERO, offset, length)
         if length:
-            await self._zero_or_trim(_ZERO if self._can_zero else None, offset, length, wait, then)
+            await self._zero_or_trim(_ZERO if self._can_zero else None, offset, length, wait, then, after)
 
     async def trim(self, offset: int, length: int, *, wait: bool = True) -> None:
         """NBD TRIM; a server that cannot trim gets WRITE_ZEROES instead."""
         self._check(_TRIM, offset, length)
         if length:
             op = _TRIM if self._can_trim else _ZERO if self._can_zero else None
-            await self._zero_or_trim(op, offset, length, wait, None)
+            await self._zero_or_trim(op, offset, length, wait, None, None)
 
-    async def _zero_or_trim(self, op, offset, length, wait, then) -> None:
+    async def _zero_or_trim(self, op, offset, length, wait, then, after) -> None:
         end = offset + length
         reqs = []
         if op is None:  # the server cannot write zeroes: send zeros
@@ -777,6 +792,7 @@ class ReplicaLink:
             for pos in range(0, length, self._chunk):
                 n = min(self._chunk, length - pos)
                 req = _Req(self, _WRITE, self._wctr, offset + pos, n, self._zero_buf[:n], n)
+                req.after = after
                 if pos + n == length:
                     req.then = then
                 await self._issue(req, end)
@@ -785,6 +801,7 @@ class ReplicaLink:
             ctr = self._ctr[op]
             for pos in range(0, length, ZERO_CHUNK):
                 req = _Req(self, op, ctr, offset + pos, min(ZERO_CHUNK, length - pos), None, 0)
+                req.after = after
                 if pos + ZERO_CHUNK >= length:
                     req.then = then
                 await self._issue(req, end)
@@ -1073,6 +1090,12 @@ class ReplicaLink:
                     self._submit_flush_for(req)
                     continue
                 req.done = True
+                if req.after is not None:
+                    after, req.after = req.after, None
+                    try:
+                        after(req.offset, req.length)
+                    except Exception as e:
+                        req.then_error = e
                 ctr = req.ctr
                 ctr.completed += 1
                 ctr.completed_bytes += req.length
@@ -1313,3 +1336,38 @@ def _probe_once(uri: str) -> str | None:
             h.opt_abort()
         except nbd.Error:
             pass
+
+
+def fetch_export(uri: str, timeout: float = 5.0) -> tuple[str | None, bytes]:
+    """Blocking (run it in a thread): (description, every byte) of a small
+    read-only export, such as the secondary's received map.  Retried briefly
+    like probe_description (one client at a time)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            h = nbd.NBD()
+            h.set_full_info(True)
+            h.connect_uri(uri)
+            try:
+                try:
+                    desc = h.get_export_description()
+                except nbd.Error:
+                    desc = None
+                size = h.get_size()
+                data = bytearray(size)
+                max_req = 32 << 20
+                for pos in range(0, size, max_req):
+                    n = min(max_req, size - pos)
+                    data[pos : pos + n] = h.pread(n, pos)
+            finally:
+                try:
+                    h.shutdown()
+                except nbd.Error:
+                    pass
+            return desc, bytes(data)
+        except nbd.Error as e:
+            if time.monotonic() > deadline:
+                raise ReplicaError(f"cannot read {uri}: {_nbd_message(e)}", e.errnum or _errno.EIO) from None
+        time.sleep(0.05)
