@@ -82,7 +82,13 @@ def test_activity_log_round_trip():
 
 def test_identity_strings():
     text = md.format_identity("ab", "cd", 0x1F, 3)
-    assert md.parse_identity(text) == {"node": "ab", "disk": "cd", "gen": 0x1F}
+    assert md.parse_identity(text) == {"node": "ab", "disk": "cd", "gen": 0x1F, "run": ""}
+    assert md.parse_identity(md.format_identity("ab", "cd", 0x1F, 3, "r1"))["run"] == "r1"
+    rec = md.format_received("r1", 16, 1000)
+    assert md.parse_received(rec) == {"run": "r1", "shift": 16, "bits": 1000}
+    assert md.parse_identity(rec) is None  # the side export's description is no disk identity
+    for other in (None, "", text, "repdisk/1 received run=r1", "repdisk/1 received run=r shift=x bits=1"):
+        assert md.parse_received(other) is None
     assert md.parse_identity(md.format_identity("ab", None, 0, 0))["disk"] is None
     for plain in (None, "", "nbdkit memory plugin", "repdisk/1 node=x", "repdisk/1 node=x disk=y gen=zz", "repdisk/1 a"):
         assert md.parse_identity(plain) is None

@@ -54,24 +54,57 @@ class FileDevice:
 
 class StackReplicaDevice:
     """What the secondary's NBD server serves: the replica side of a
-    SecondaryStack (reads from the replica, writes with copy-before-write)."""
+    SecondaryStack (reads from the replica, writes with copy-before-write).
+    With a ReceivedMap, every range written is marked in it (before it is
+    applied: a write that fails half way counts too) and every NBD FLUSH
+    turns its generations (`flush_request`, called by the server in the
+    order requests arrive)."""
 
     min_block = 1
 
-    def __init__(self, stack):
+    def __init__(self, stack, received=None):
         self.stack = stack
         self.size = stack.size
         self.preferred_block = stack.geometry.block_size
-        # pwrite(buf, offset) is the stack's, bound here: the hot call, no layer of its own.
-        self.pwrite = stack.primary_write
+        self.received = received
+        if received is None:
+            # pwrite(buf, offset) is the stack's, bound here: the hot call, no layer of its own.
+            self.pwrite = stack.primary_write
+
+    def pwrite(self, buf, offset: int) -> None:
+        self.received.mark(offset, len(buf))
+        self.stack.primary_write(buf, offset)
 
     def pread(self, offset: int, length: int) -> bytes:
         return self.stack.replica_read(offset, length)
 
     def zero(self, offset: int, length: int) -> None:
+        if self.received is not None:
+            self.received.mark(offset, length)
         self.stack.primary_zero(offset, length)
 
     trim = zero
 
+    def flush_request(self) -> None:
+        if self.received is not None:
+            self.received.flushed()
+
     def flush(self) -> None:
         self.stack.flush_replica()
+
+
+class BytesDevice:
+    """A read-only device over a bytes object (the received map's side export)."""
+
+    min_block = 1
+    preferred_block = 4096
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.size = len(data)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+    def flush(self) -> None:
+        pass

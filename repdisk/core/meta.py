@@ -67,6 +67,9 @@ class Meta:
     nbits: int = 0  # bits in `bitmap`
     boot: str = ""  # the kernel's boot id when the node last started: tells a host crash from a process crash
     al_host: bool = True  # primary: its activity log was kept durable (fdatasync), so it survives a host crash
+    # primary: the secondary run (process) that took replica-first writes and
+    # keeps a map of what our disk may have lost in a host crash ("": none)
+    peer_run: str = ""
     bitmap: bitarray | None = field(default=None, repr=False)  # primary: blocks not on the secondary (nbits)
 
 
@@ -90,7 +93,7 @@ def new_gen() -> int:
 def encode_meta(m: Meta) -> bytes:
     doc = {"node": m.node, "disk": m.disk, "gen": m.gen, "peer_gen": m.peer_gen, "epoch": m.epoch,
            "clean": m.clean, "nbits": m.nbits if m.bitmap is not None else 0, "boot": m.boot,
-           "al_host": m.al_host}
+           "al_host": m.al_host, "peer_run": m.peer_run}
     js = json.dumps(doc, sort_keys=True).encode()
     bm = b"" if m.bitmap is None else sc_encode(m.bitmap)
     crc = zlib.crc32(bm, zlib.crc32(js))
@@ -116,7 +119,8 @@ def decode_meta(data: bytes) -> Meta:
         doc = json.loads(js)
         m = Meta(node=str(doc["node"]), disk=doc["disk"], gen=int(doc["gen"]), peer_gen=int(doc["peer_gen"]),
                  epoch=int(doc["epoch"]), clean=bool(doc["clean"]), nbits=int(doc["nbits"]),
-                 boot=str(doc.get("boot", "")), al_host=bool(doc.get("al_host", True)))
+                 boot=str(doc.get("boot", "")), al_host=bool(doc.get("al_host", True)),
+                 peer_run=str(doc.get("peer_run", "")))
     except (ValueError, KeyError, TypeError) as e:
         raise MetaError(f"bad content: {e}") from None
     if blen:
@@ -237,8 +241,31 @@ IDENTITY_PREFIX = "repdisk/1"
 EXPORT_PREFIX = "repdisk:"
 
 
-def format_identity(node: str, disk: str | None, gen: int, epoch: int) -> str:
-    return f"{IDENTITY_PREFIX} node={node} disk={disk or '-'} gen={gen:x} epoch={epoch}"
+# The secondary's export that serves its received map (repdisk.core.recvmap)
+# to the primary after a crash: read-only, the bitmap's bytes; its description
+# says which run of the secondary it belongs to.
+RECEIVED_EXPORT = "repdisk-received"
+
+
+def format_identity(node: str, disk: str | None, gen: int, epoch: int, run: str = "") -> str:
+    text = f"{IDENTITY_PREFIX} node={node} disk={disk or '-'} gen={gen:x} epoch={epoch}"
+    return f"{text} run={run}" if run else text
+
+
+def format_received(run: str, shift: int, nbits: int) -> str:
+    return f"{IDENTITY_PREFIX} received run={run} shift={shift} bits={nbits}"
+
+
+def parse_received(text: str | None) -> dict | None:
+    """{'run', 'shift', 'bits'} from the received map export's description."""
+    words = (text or "").split()
+    if len(words) < 2 or words[:2] != [IDENTITY_PREFIX, "received"]:
+        return None
+    f = _fields(words[2:])
+    try:
+        return {"run": f["run"], "shift": int(f["shift"]), "bits": int(f["bits"])}
+    except (TypeError, KeyError, ValueError):
+        return None
 
 
 def _fields(words) -> dict | None:
@@ -252,8 +279,9 @@ def _fields(words) -> dict | None:
 
 
 def parse_identity(text: str | None) -> dict | None:
-    """{'node', 'disk' (None if '-'), 'gen' (int)} from a description, or None
-    for anything else (a plain NBD server, a garbled string)."""
+    """{'node', 'disk' (None if '-'), 'gen' (int), 'run' ('' from a secondary
+    without a received map)} from a description, or None for anything else (a
+    plain NBD server, a garbled string)."""
     if not text:
         return None
     words = text.split()
@@ -261,7 +289,8 @@ def parse_identity(text: str | None) -> dict | None:
         return None
     f = _fields(words[1:])
     try:
-        return {"node": f["node"], "disk": None if f["disk"] == "-" else f["disk"], "gen": int(f["gen"], 16)}
+        return {"node": f["node"], "disk": None if f["disk"] == "-" else f["disk"], "gen": int(f["gen"], 16),
+                "run": f.get("run", "")}
     except (TypeError, KeyError, ValueError):
         return None
 

@@ -7,7 +7,9 @@ refuse new clients (`refuse`) and drop the current one (`disconnect`, at
 failover).
 
 Protocol: fixed newstyle handshake (with NO_ZEROES), NBD_OPT_GO / INFO /
-EXPORT_NAME / LIST / ABORT; simple replies only (structured replies, TLS and
+EXPORT_NAME / LIST / ABORT; besides the device, the node may serve read-only
+side exports by name (`side_export`: the secondary's received map); simple
+replies only (structured replies, TLS and
 metadata contexts are answered NBD_REP_ERR_UNSUP).  Commands READ, WRITE (FUA:
 write, then flush), FLUSH, TRIM, WRITE_ZEROES, DISC.  The wire format lives in
 nbdwire.
@@ -46,7 +48,7 @@ import threading
 
 import trio
 
-from repdisk.core.errors import InvalidArgument, RepdiskError
+from repdisk.core.errors import InvalidArgument, ReadOnly, RepdiskError
 
 from . import nbdwire as w
 
@@ -69,6 +71,9 @@ _IOV_MAX = 1024  # buffers per writev (Linux)
 _TRANSMISSION_FLAGS = (
     w.FLAG_HAS_FLAGS | w.FLAG_SEND_FLUSH | w.FLAG_SEND_FUA | w.FLAG_SEND_TRIM | w.FLAG_SEND_WRITE_ZEROES
 )
+
+# A side export: read-only (writes get EPERM), flush accepted.
+_SIDE_FLAGS = w.FLAG_HAS_FLAGS | w.FLAG_READ_ONLY | w.FLAG_SEND_FLUSH
 
 # Commands that write: a range past the end is ENOSPC for them, EINVAL for the others.
 _WRITING = frozenset({w.CMD_WRITE, w.CMD_WRITE_ZEROES})
@@ -266,7 +271,7 @@ class NbdServer:
     handshake_timeout = 30.0
 
     def __init__(self, device, *, export_name: str = "", description: str = "", on_connect=None, on_disconnect=None,
-                 check_export=None, lock=None):
+                 check_export=None, lock=None, side_export=None):
         self.device = device
         # Held around each request's device call (in the connection's thread);
         # whoever else uses the device holds it too.
@@ -277,6 +282,10 @@ class NbdServer:
         # commit=False before the reply (a message refuses with NBD_REP_ERR_POLICY),
         # and with commit=True once the client has been told it may go ahead.
         self.check_export = check_export
+        # side_export(name) -> (device, description) or None: a read-only export
+        # other than the device, made when a client asks for it by name (in
+        # the trio thread).  Its clients are not the primary: no on_connect.
+        self.side_export = side_export
         self.description = description
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
@@ -420,7 +429,9 @@ class NbdServer:
     def _end_slot(self, slot: _Slot, session: "_Session") -> None:
         if self._slot is slot:
             self._slot = None
-        if session.transmitting:
+        if session.transmitting and session.side:
+            log.info("NBD client %s left side export (%s)", slot.peer, session.error or "clean")
+        elif session.transmitting:
             self.peer = None
             if session.error is None:
                 log.info("NBD client %s disconnected", slot.peer)
@@ -449,6 +460,8 @@ class _Session:
     def __init__(self, server: NbdServer, stream: trio.SocketStream, peer: str, refusal: str | None):
         self.server = server
         self.device = server.device
+        self.side = False  # serving a side export (read-only), not the device
+        self.description = server.description
         self.sock = stream.socket
         self.wire = _Wire(self.sock, w.OPTION_HEADER.size + w.MAX_OPTION)
         self.peer = peer
@@ -476,7 +489,10 @@ class _Session:
             return
         if go:
             self.transmitting = True
-            self.server._entered_transmission(self.peer)
+            if self.side:
+                log.info("NBD client %s reads a side export: %s", self.peer, self.description)
+            else:
+                self.server._entered_transmission(self.peer)
             await self.transmission()
 
     def ended(self, exc: BaseException | None) -> None:
@@ -547,6 +563,9 @@ class _Session:
             log.info("NBD client %s: NBD_OPT_EXPORT_NAME refused (%s); closing the connection", self.peer, refusal)
             self.error = refusal
             return False
+        if name is not None and self._side(name):
+            await self.wire.send(w.export_name_reply(self.device.size, _SIDE_FLAGS, self.no_zeroes))
+            return True
         if name is not None and not self._known_export(name) and self._checked(name) is None:
             await self.wire.send(w.export_name_reply(self.device.size, _TRANSMISSION_FLAGS, self.no_zeroes))
             self.server.check_export(name, True)
@@ -556,6 +575,15 @@ class _Session:
             log.warning("NBD client %s: %s; closing the connection", self.peer, self.error)
             return False
         await self.wire.send(w.export_name_reply(self.device.size, _TRANSMISSION_FLAGS, self.no_zeroes))
+        return True
+
+    def _side(self, name: str) -> bool:
+        """Switch this session to side export `name` if the server has one."""
+        made = self.server.side_export(name) if self.server.side_export is not None else None
+        if made is None:
+            return False
+        self.device, self.description = made
+        self.side = True
         return True
 
     def _checked(self, name: str) -> str | None:
@@ -580,7 +608,10 @@ class _Session:
             return False
         name, wanted = request
         checked = False
-        if not self._known_export(name):
+        self.device, self.description, self.side = self.server.device, self.server.description, False
+        if self._side(name):
+            checked = True
+        elif not self._known_export(name):
             refusal = self._checked(name)
             if refusal is not None:
                 code = w.REP_ERR_UNKNOWN if self.server.check_export is None else w.REP_ERR_POLICY
@@ -592,17 +623,17 @@ class _Session:
             checked = True
         dev = self.device
         infos = [
-            w.info_export(dev.size, _TRANSMISSION_FLAGS),
+            w.info_export(dev.size, _SIDE_FLAGS if self.side else _TRANSMISSION_FLAGS),
             w.info_block_size(dev.min_block, dev.preferred_block, w.MAX_REQUEST),
         ]
         if w.INFO_NAME in wanted:
             infos.append(w.info_string(w.INFO_NAME, name if checked else self.server.export_name))
-        if w.INFO_DESCRIPTION in wanted and self.server.description:
-            infos.append(w.info_string(w.INFO_DESCRIPTION, self.server.description))
+        if w.INFO_DESCRIPTION in wanted and self.description:
+            infos.append(w.info_string(w.INFO_DESCRIPTION, self.description))
         replies = [w.option_reply(option, w.REP_INFO, info) for info in infos]
         replies.append(w.option_reply(option, w.REP_ACK))
         await self.wire.send(*replies)
-        if checked and option == w.OPT_GO:
+        if checked and option == w.OPT_GO and not self.side:
             self.server.check_export(name, True)  # after the description went out
         return option == w.OPT_GO
 
@@ -675,7 +706,8 @@ class _Session:
         wire = self.tw
         exactly, receive = wire.exactly, wire.into
         unpack, header_size = w.REQUEST.unpack, w.REQUEST.size
-        commands, requests, names, allowed = self._COMMANDS, self.requests, w.CMD_NAMES, w.CMD_FLAGS_ALLOWED
+        commands = self._SIDE_COMMANDS if self.side else self._COMMANDS
+        requests, names, allowed = self.requests, w.CMD_NAMES, w.CMD_FLAGS_ALLOWED
         size = self.device.size
         min_block = self.device.min_block
         while True:
@@ -781,15 +813,29 @@ class _Session:
     def _trim(self, offset: int, length: int, payload):
         self.device.trim(offset, length)
 
-    def _nothing(self, offset: int, length: int, payload):
-        pass
+    def _flush_request(self, offset: int, length: int, payload):
+        # In the order requests arrive, before the flush itself: the received
+        # map's generations turn here (StackReplicaDevice.flush_request).
+        hook = getattr(self.device, "flush_request", None)
+        if hook is not None:
+            hook()
+
+    def _read_only(self, offset: int, length: int, payload):
+        raise ReadOnly("this export is read-only")
 
     _COMMANDS = {
         w.CMD_READ: _read,
         w.CMD_WRITE: _write,
-        w.CMD_FLUSH: _nothing,
+        w.CMD_FLUSH: _flush_request,
         w.CMD_TRIM: _trim,
         w.CMD_WRITE_ZEROES: _zero,
+    }
+    _SIDE_COMMANDS = {
+        w.CMD_READ: _read,
+        w.CMD_WRITE: _read_only,
+        w.CMD_FLUSH: _flush_request,
+        w.CMD_TRIM: _read_only,
+        w.CMD_WRITE_ZEROES: _read_only,
     }
 
     def _execute(self, apply, cmd: int, handle: int, flags: int, offset: int, length: int, payload) -> None:

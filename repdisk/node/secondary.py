@@ -15,7 +15,9 @@ import threading
 import trio
 
 from ..core import meta as md
+from ..core.blockdev import BytesDevice
 from ..core.errors import RepdiskError, UnknownCommand
+from ..core.recvmap import ReceivedMap
 from ..core.stack import SecondaryStack
 from . import state as st
 from .control import Progress, parse_command
@@ -28,6 +30,9 @@ class SecondaryNode:
 
     def __init__(self, stack: SecondaryStack, *, listen: str, invalidate=None, meta_path: str | None = None):
         self.stack = stack
+        # This run of the node (a process): the received map lives as long.
+        self.run = md.new_id()
+        self.received = ReceivedMap(stack.size)
         self.meta_path = meta_path
         self.meta = self._load_meta()
         self.listen = listen
@@ -78,7 +83,18 @@ class SecondaryNode:
     @property
     def description(self) -> str:
         m = self.meta
-        return md.format_identity(m.node, m.disk, m.gen, self.epoch)
+        return md.format_identity(m.node, m.disk, m.gen, self.epoch, self.run)
+
+    def side_export(self, name: str):
+        """The NBD server's hook for side exports: the received map (a
+        snapshot, read-only) for a primary recovering from a crash."""
+        if name != md.RECEIVED_EXPORT:
+            return None
+        r = self.received
+        with self.io_lock:
+            bits = r.snapshot()
+        log.info("received map read: %d grains of %d bytes", bits.count(), 1 << r.shift)
+        return BytesDevice(bits.tobytes()), md.format_received(self.run, r.shift, r.nbits)
 
     def check_export(self, name: str, commit: bool) -> str | None:
         """The NBD server's hook for the export name a repdisk primary asks
@@ -169,6 +185,8 @@ class SecondaryNode:
             "node_id": self.meta.node,
             "disk_id": self.meta.disk,
             "generation": f"{self.meta.gen:x}",
+            "run": self.run,
+            "received": {"grain_bytes": 1 << self.received.shift, "flushes": self.received.flushes},
         }
         if self.state in (st.S_FAILOVER, st.S_STANDALONE) or self.commit.total:
             s["commit"] = self.commit.as_dict()
