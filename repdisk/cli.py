@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "is flushed before a write enters a new extent, so a host crash too costs at most the log's "
                     "extents of resync; process: the log stays in the page cache, much faster for writes spread "
                     "over a large disk; a crash of repdisk costs the same, a crash of the host a full sync")
+    pr.add_argument("--replica-first", choices=("on", "off"), default="on", help="sync mode with --al-durability "
+                    "host: a write into an extent the log does not hold yet goes to the secondary first and to this "
+                    "disk once the secondary answered, so it does not wait for the log's flush; the secondary keeps "
+                    "a map of such writes until both sides flushed, which a crashed primary reads back (default on; "
+                    "off: every such write waits for the log's flush)")
+    pr.add_argument("--flush-interval", type=_number(float, 0, 3600, "a number of seconds from 0 to 3600"), default=2.0,
+                    help="seconds between flushes of both disks while replica-first writes are unflushed: bounds what "
+                    "a crash of this host resyncs (default 2; 0: only when the VM flushes)")
 
     pr.add_argument("--checkpoint-flush", action="store_true", help="every checkpoint also sends NBD FLUSH, so the "
                     "replica is durable up to the last checkpoint (default: a checkpoint waits for the secondary's "

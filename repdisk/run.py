@@ -14,11 +14,29 @@ from .core.image import RawImage
 log = logging.getLogger("repdisk")
 
 
-def run_secondary(args) -> int:
+def secondary_server(node):
+    """The secondary's NBD server: the replica side of its stack (with the
+    received map), its identity checks and side exports."""
     from .core.blockdev import StackReplicaDevice
+    from .edge.nbdserver import NbdServer
+
+    server = NbdServer(
+        StackReplicaDevice(node.stack, node.received),
+        export_name="",
+        description=node.description,
+        on_connect=node.on_connect,
+        on_disconnect=node.on_disconnect,
+        check_export=node.check_export,
+        lock=node.io_lock,
+        side_export=node.side_export,
+    )
+    node.server = server
+    return server
+
+
+def run_secondary(args) -> int:
     from .core.stack import SecondaryStack
     from .edge.fuse import invalidate_disk
-    from .edge.nbdserver import NbdServer
     from .node.secondary import SecondaryNode
 
     image = RawImage.open(args.disk, args.size)
@@ -26,16 +44,7 @@ def run_secondary(args) -> int:
     _, prefix = state_paths(args)
     stack = SecondaryStack(image, f"{prefix}.hidden", f"{prefix}.active", args.block_size)
     node = SecondaryNode(stack, listen=args.listen, invalidate=invalidate_disk, meta_path=f"{prefix}.meta")
-    server = NbdServer(
-        StackReplicaDevice(stack),
-        export_name="",
-        description=node.description,
-        on_connect=node.on_connect,
-        on_disconnect=node.on_disconnect,
-        check_export=node.check_export,
-        lock=node.io_lock,
-    )
-    node.server = server
+    server = secondary_server(node)
 
     async def shutdown():
         await trio.to_thread.run_sync(stack.flush_replica)
@@ -74,7 +83,8 @@ def run_primary(args) -> int:
                        io_timeout=args.io_timeout, resync_rate=args.resync_rate,
                        checkpoint_flush=args.checkpoint_flush, batch=args.async_batch,
                        batch_delay=args.async_batch_delay / 1000, reply_poll_us=args.reply_poll_us,
-                       al_durability=args.al_durability)
+                       al_durability=args.al_durability, replica_first=args.replica_first == "on",
+                       flush_interval=args.flush_interval)
 
     async def main():
         # Connect before mounting, so that a secondary of the wrong size is

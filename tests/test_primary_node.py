@@ -6,7 +6,9 @@ crash, eviction while degraded, identity verdicts on reconnect, the resync
 rate limit.  The fsync test runs against nbdkit, whose shell plugin can hold
 a flush."""
 
+import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -14,13 +16,12 @@ import trio
 from nbd_helpers import ServerThread
 
 from repdisk.core import meta as md
-from repdisk.core.blockdev import StackReplicaDevice
 from repdisk.core.image import RawImage
 from repdisk.core.stack import SecondaryStack
-from repdisk.edge.nbdserver import NbdServer
 from repdisk.node import state as st
 from repdisk.node.primary import AL_SHIFT, PrimaryNode
 from repdisk.node.secondary import SecondaryNode
+from repdisk.run import secondary_server
 
 EXTENT = 1 << AL_SHIFT
 SIZE = 128 << 20
@@ -45,10 +46,7 @@ class RealSecondary:
 
     def start(self):
         node = self.node
-        server = NbdServer(StackReplicaDevice(self.stack), export_name="", description=node.description,
-                           on_connect=node.on_connect, on_disconnect=node.on_disconnect,
-                           check_export=node.check_export, lock=node.io_lock)
-        node.server = server
+        server = secondary_server(node)
         self.thread = ServerThread(server, f"unix:{self._dir}/nbd.sock").start()
 
     def stop(self):
@@ -75,7 +73,11 @@ def sec(tmp_path):
 
 
 def make_node(tmp_path, sec, **kw):
+    """A primary with a durable activity log; replica first off unless asked
+    (most tests here are about the log's own path, which async mode, a
+    degraded primary and --replica-first off take)."""
     image = RawImage.open(str(tmp_path / "pri.img"), SIZE)
+    kw.setdefault("replica_first", False)
     return PrimaryNode(image, uri=sec.uri, io_timeout=0,
                        meta_path=str(tmp_path / "pri.img.meta"), al_path=str(tmp_path / "pri.img.al"), **kw)
 
@@ -137,7 +139,8 @@ def test_writes_while_degraded_survive_a_crash_past_the_log(tmp_path, sec):
     assert node2.dirty.count() << node2.geometry.shift <= 20 * EXTENT
 
 
-def test_write_refused_by_the_link_is_still_written_locally(tmp_path, sec):
+@pytest.mark.parametrize("replica_first", [False, True], ids=["parallel", "replica-first"])
+def test_write_refused_by_the_link_is_still_written_locally(tmp_path, sec, replica_first):
     """The primary sends first and writes its own disk in the link's `then`;
     a link that fails before sending never runs it: the write must still land
     locally, its range marked dirty, replication degrade, and the range reach
@@ -153,6 +156,7 @@ def test_write_refused_by_the_link_is_still_written_locally(tmp_path, sec):
 
         link.write = refuse
         await node.disk_write(3 * 4096 + 10, b"z" * 5000)
+        assert node.writes_replica_first == int(replica_first)
         assert node.image.pread(3 * 4096 + 10, 5000) == b"z" * 5000
         assert node.state == st.P_DEGRADED
         with trio.fail_after(20):
@@ -161,7 +165,7 @@ def test_write_refused_by_the_link_is_still_written_locally(tmp_path, sec):
         assert node.resync_kind == md.INCREMENTAL and 0 < node.sync.done <= 3 * 4096
         assert sec.data[3 * 4096 + 10 : 3 * 4096 + 5010] == b"z" * 5000
 
-    node = make_node(tmp_path, sec)
+    node = make_node(tmp_path, sec, replica_first=replica_first)
     trio.run(run_node, node, body)
 
 
@@ -482,3 +486,186 @@ def test_an_eviction_that_cannot_write_the_bitmap_keeps_its_extents_in_the_log(t
     trio.run(run_node, node, body)
     again = PrimaryNode(RawImage.open(str(tmp_path / "pri.img"), SIZE), uri=sec.uri, io_timeout=0, **kw)  # "kill -9"
     assert {0, 1, 2, 3, 7} <= set(dirty_extents(again))
+
+
+# ---- replica first (sync mode): the log's flush off the write path ---------------------------
+
+
+def snapshot_files(tmp_path) -> dict:
+    """What a host crash would leave of the primary's files right now, if the
+    last flush of each was now: their bytes."""
+    out = {}
+    for name in ("pri.img", "pri.img.meta", "pri.img.al"):
+        with open(tmp_path / name, "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def restore_files(tmp_path, files: dict) -> None:
+    for name, data in files.items():
+        with open(tmp_path / name, "r+b") as f:
+            f.truncate(0)
+            f.write(data)
+
+
+def test_replica_first_writes_do_not_wait_for_the_log_and_keep_both_disks_equal(tmp_path, sec):
+    """Writes into extents the log does not hold go to the secondary first
+    (no log flush on their path); the log gets the extents in the background,
+    and later writes there take the parallel path.  Concurrent, overlapping
+    writes of random data end equal on both sides."""
+    import random
+
+    rnd = random.Random(4)
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        assert node.status()["replica_first"]["active"]
+        for e in range(12):
+            await node.disk_write(e * EXTENT + 512, b"a" * 4096)
+        assert node.writes_replica_first == 12 and not node._al and not node._al_bg  # written once: not logged
+        for e in range(12):
+            await node.disk_write(e * EXTENT + 4096, b"a" * 4096)
+        assert node.writes_replica_first == 24
+        with trio.fail_after(10):
+            while len(node._al) < 12 or node._al_bg:  # written again: stored in the background
+                await trio.sleep(0.01)
+        assert node.al_writes < 12 + 1  # group commit: misses shared stores
+        await node.disk_write(3 * EXTENT + 8192, b"b" * 4096)
+        assert node.writes_replica_first == 24  # a logged extent: the parallel path
+
+        async def writer(seed):
+            r = random.Random(seed)
+            for _ in range(150):
+                e = r.randrange(16)  # 12 logged, 4 not: both paths, overlapping
+                off = e * EXTENT + r.randrange(0, 64 << 10)
+                await node.disk_write(off, r.randbytes(r.choice((1, 512, 4096, 70000))))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                nursery.start_soon(writer, rnd.random())
+        await node.checkpoint()
+        assert node.writes_replica_first > 24
+
+    node = make_node(tmp_path, sec, replica_first=True)
+    trio.run(run_node, node, body)
+    assert sec.data == node.image.pread(0, SIZE)
+
+
+def test_the_secondary_forgets_a_write_after_three_flushes(tmp_path, sec):
+    """The received map keeps a range until the primary's third flush after
+    it (recvmap: the current generation and the two before)."""
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_write(5 * EXTENT, b"c" * 4096)
+        received = sec.node.received
+        for left in (1, 1, 1, 0):
+            assert (received.count() > 0) == bool(left)
+            await node.disk_fsync()
+        assert node.flushes >= 3
+
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=0)
+    node._assume_synced = True  # nothing to sync: the map holds only the write above
+    trio.run(run_node, node, body)
+
+
+def test_the_timer_flushes_until_the_received_map_is_empty(tmp_path, sec):
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_write(5 * EXTENT, b"c" * 4096)
+        with trio.fail_after(10):
+            while sec.node.received.count():
+                await trio.sleep(0.02)
+        flushes = node.flushes
+        await trio.sleep(0.3)
+        assert node.flushes == flushes  # and then it stops
+
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=0.05)
+    trio.run(run_node, node, body)
+
+
+@pytest.mark.parametrize("secondary_restarts", [False, True], ids=["same-secondary-run", "secondary-restarted"])
+def test_a_host_crash_resyncs_what_the_secondary_received(tmp_path, sec, secondary_restarts):
+    """A crash of the primary's host, simulated: its image, log and metadata
+    go back to their state at the last flush, while the secondary keeps the
+    writes sent since (replica first: into extents the log did not hold).
+    The next start reads the secondary's received map and resyncs those
+    ranges, so both disks are equal again; if the secondary restarted in
+    between (its map is gone), it does a full sync."""
+    import random
+
+    r = random.Random(7)
+
+    async def before(node):
+        await wait_state(node, st.P_REPLICATING)
+        for e in range(4):
+            await node.disk_write(e * EXTENT, r.randbytes(8192))
+        with trio.fail_after(10):
+            while node._al_bg:
+                await trio.sleep(0.01)
+        for _ in range(3):  # the map forgets the initial sync and the writes above
+            await node.disk_fsync()
+        assert sec.node.received.count() == 0
+        node.crash_files = snapshot_files(tmp_path)
+        for e in range(2, 20):  # new extents (replica first) and logged ones
+            await node.disk_write(e * EXTENT + 4096, r.randbytes(3 * 4096 + 100))
+        await node.checkpoint()  # the secondary has them all
+
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=0)
+    trio.run(run_node, node, before)
+    restore_files(tmp_path, node.crash_files)  # the host crashed: the page cache is gone
+    lost = node.image.pread(0, SIZE)
+    assert lost != sec.data  # the crash lost writes the secondary has
+    _, logged = md.decode_al(node.crash_files["pri.img.al"])
+    assert not set(range(4, 20)) & set(logged)  # ... in extents the log never held
+    if secondary_restarts:
+        sec.stop()
+        sec.node = SecondaryNode(sec.stack, listen="", meta_path=sec.node.meta_path)  # a new run
+        sec.start()
+
+    async def after(node):
+        await wait_state(node, st.P_REPLICATING)
+        await node.checkpoint()
+        merge = node.status()["replica_first"]["after_unclean_stop"]
+        if secondary_restarts:
+            assert merge.startswith("full sync") and node.sync.done == SIZE
+        else:
+            assert "resynced" in merge and 16 * (64 << 10) <= node.sync.done < 24 * EXTENT
+
+    node2 = make_node(tmp_path, sec, replica_first=True, flush_interval=0)
+    trio.run(run_node, node2, after)
+    assert node2.image.pread(0, SIZE) == lost
+    assert sec.data == lost
+
+
+def test_the_secondary_serves_its_received_map_read_only(tmp_path, sec):
+    """The map is a side export: nbdinfo shows it read-only with the run in
+    its description; writing to it is refused; its bits are the ranges the
+    secondary received."""
+    import subprocess
+
+    from repdisk.edge.replica import fetch_export, with_export
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_write(3 * EXTENT + 70000, b"d" * 100)
+        await node.disk_write(SIZE - 10, b"e" * 10)
+
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=0, assume_synced=True)
+    trio.run(run_node, node, body)
+    uri = with_export(sec.uri, md.RECEIVED_EXPORT)
+    info = subprocess.run(["nbdinfo", "--json", uri], capture_output=True, text=True, check=True)
+    assert '"is_read_only": true' in info.stdout and f"run={sec.node.run}" in info.stdout
+    # nbdsh runs "python3 -m nbd": ours (the venv sees Debian's python3-libnbd)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}
+    w = subprocess.run(["nbdsh", "-u", uri, "-c", "h.pwrite(b'x', 0)"], capture_output=True, text=True, env=env)
+    assert w.returncode != 0 and "Operation not permitted" in w.stderr
+    desc, data = fetch_export(uri)
+    got = md.parse_received(desc)
+    assert got["run"] == sec.node.run and len(data) * 8 >= got["bits"] == SIZE >> 16
+    from bitarray import bitarray
+
+    bits = bitarray(endian="little")
+    bits.frombytes(data)
+    assert list(bits.search(1)) == [(3 * EXTENT + 65536) >> 16, (SIZE >> 16) - 1]

@@ -243,7 +243,9 @@ def test_primary_host_crash_costs_the_log_only_if_it_was_flushed(nodes, tmp_path
     s = pri.wait_state("replicating")
     assert s["resync_kind"] == "incremental"
     if durability == "host":
-        assert s["sync"]["total"] == 3 * AL_EXTENT, s["sync"]
+        # The three extents, or less: replica first, the writes did not wait
+        # for the log; what the log may lack, the secondary's received map has.
+        assert 3 * 4096 <= s["sync"]["total"] <= 3 * AL_EXTENT, s["sync"]
     else:
         assert s["sync"]["total"] == SIZE, s["sync"]
         assert "full sync" in pri.log()

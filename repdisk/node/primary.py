@@ -14,6 +14,19 @@ rules that keep the replica correct:
   lands meanwhile is marked dirty again and resent after it;
 - the link submits a request that overlaps one in flight only after that one
   completed, so later data always wins on the secondary.
+
+Replica first (sync mode, activity log kept durable): a write into an extent
+the log does not hold durably yet does not wait for the log's fdatasync.  It
+goes to the secondary first and is written to the local image when the
+secondary's reply is handled (the link's `after`, before any later
+overlapping request is sent); the extent enters the log in the background.
+While such a write is in flight in an extent, every write there goes replica
+first too, so local writes keep the wire's order.  The local disk then never
+holds a write the secondary lacks; what a host crash may take out of our page
+cache while the secondary has it, the secondary's received map keeps
+(repdisk.core.recvmap) until our flush protocol (`_flush`) says it is on our
+disk.  After an unclean stop the primary reads that map back from the same
+secondary run and resyncs it, or does a full sync if the secondary restarted.
 """
 
 import collections
@@ -22,12 +35,14 @@ import os
 import time
 
 import trio
+from bitarray import bitarray
 
 from ..core import meta as md
 from ..core.bitmap import Bitmap
 from ..core.errors import Busy, ImageError, IOFailure, RepdiskError, SplitBrain, UnknownCommand
 from ..core.geometry import Geometry
 from ..core.image import RawImage
+from ..core.recvmap import GENERATIONS
 from . import state as st
 from .control import Progress, parse_command
 
@@ -43,6 +58,7 @@ REPLY_POLL_US = 200  # sync mode: how long it may poll for the reply before slee
 SYNC_MAX_REQUESTS = 64  # requests the link keeps in flight, sync mode (the (re)sync pipelines)
 ASYNC_MAX_REQUESTS = 256  # async mode: room for full batches while the last ones are answered
 VERIFY_CHUNK = 16 << 20  # bytes compared at a time (4 pipelined NBD reads)
+FLUSH_INTERVAL = 2.0  # seconds: flush both sides this often while replica-first writes are unflushed
 
 
 def is_zero(buf) -> bool:
@@ -61,7 +77,8 @@ class PrimaryNode:
                  link_factory=None, meta_path: str | None = None, al_path: str | None = None,
                  al_extents: int = AL_SLOTS, io_timeout: float = 10.0, resync_rate: int = 0,
                  checkpoint_flush: bool = False, batch: int = 64, batch_delay: float = 0.005,
-                 reply_poll_us: int = REPLY_POLL_US, al_durability: str = "host"):
+                 reply_poll_us: int = REPLY_POLL_US, al_durability: str = "host",
+                 replica_first: bool = True, flush_interval: float = FLUSH_INTERVAL):
         self.image = image
         self.geometry = Geometry(image.size, block_size)
         self.uri = uri
@@ -107,6 +124,26 @@ class PrimaryNode:
         self.resync_rate = resync_rate  # bytes/s of (re)sync, 0: unlimited
         self.checkpoint_flush = checkpoint_flush  # every checkpoint also sends NBD FLUSH
         self.meta_problem: str | None = None
+        # Replica first (module doc): wanted, and possible on the current link.
+        self.replica_first = replica_first and mode == "sync" and al_path is not None and al_durability == "host"
+        self._rf_ok = False
+        self._rf_busy: dict[int, int] = {}  # extent -> replica-first writes in flight there
+        self._al_bg: set[int] = set()  # extents a background task is putting into the log
+        # extents written replica first once lately (FIFO): a second write puts one in the log
+        self._rf_recent: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._rf_recent_max = 4 * max(1, al_extents)
+        self.writes_replica_first = 0
+        self.flush_interval = flush_interval
+        self._flush_lock = trio.Lock()  # one flush at a time (the flush protocol)
+        self._flush_broken: str | None = None  # a local flush failed: no NBD FLUSH ever again
+        # Flushes until the secondary's received map holds no replica-first
+        # write: each sets it to the map's generations (recvmap.GENERATIONS).
+        # (Other writes there are in logged extents, or in a sync, which is
+        # resent whole after a crash and flushed when it ends.)
+        self._flushes_owed = 0
+        self.flushes = 0
+        self._map_pending = False  # after an unclean stop: merge the secondary's received map
+        self.received_merge: str | None = None  # what that merge found (status)
         self.meta = self._load_meta(assume_synced)
         # Activity log: extents that may hold writes the secondary has not acknowledged.
         self._al: collections.OrderedDict[int, trio.Event] = collections.OrderedDict()  # LRU first
@@ -201,6 +238,8 @@ class PrimaryNode:
                 log.warning("%s: no dirty bitmap for %d blocks: full sync", self.meta_path, nblocks)
                 dirty.set_all()
             if not m.clean:
+                # Replica-first writes our disk may have lost: the secondary has their map.
+                self._map_pending = bool(m.peer_run)
                 if not m.al_host and m.boot != md.boot_id():
                     log.error("unclean stop across a reboot of the host, and the activity log was kept "
                               "in the page cache only (--al-durability process): full sync")
@@ -385,6 +424,8 @@ class PrimaryNode:
         from ..edge.replica import probe_description, uri_export, with_export
 
         m = self.meta
+        if self._map_pending:
+            await self._merge_received_map()
         named = None
         if not self._plain and uri_export(self.uri) == "":
             named = with_export(self.uri, md.format_export_name(m.disk, m.gen, m.peer_gen, self._force))
@@ -420,6 +461,46 @@ class PrimaryNode:
             self._plain = True
             link = await self._open(self.uri)
         return link
+
+    async def _merge_received_map(self) -> None:
+        """After an unclean stop: mark for resync every range the secondary
+        run we last replicated to (replica first) received and did not see
+        flushed: our disk may have lost it with the page cache.  If that run
+        is gone, nothing says what it holds: full sync."""
+        from ..core.recvmap import grain_ranges
+        from ..edge.replica import fetch_export, probe_description, uri_export, with_export
+
+        m, dirty = self.meta, self.dirty
+        info = None
+        if uri_export(self.uri) == "":
+            try:
+                desc, data = await trio.to_thread.run_sync(fetch_export, with_export(self.uri, md.RECEIVED_EXPORT))
+                info = md.parse_received(desc)
+            except RepdiskError as e:
+                # Unreachable or busy: try again with the next connection.  A
+                # server that answers but has no map cannot tell us anything.
+                desc = await trio.to_thread.run_sync(probe_description, self.uri)
+                ident = md.parse_identity(desc)
+                if ident is not None and ident["run"] == m.peer_run:
+                    raise IOFailure(f"cannot read the received map of secondary run {m.peer_run}: {e}", None) from None
+        if info is None or info["run"] != m.peer_run:
+            why = "it has none" if info is None else f"it is run {info['run']} now"
+            self.received_merge = (f"full sync: the secondary run {m.peer_run} that took our replica-first writes "
+                                   f"is gone ({why})")
+            log.error("unclean stop: %s", self.received_merge)
+            dirty.set_all()
+        else:
+            bits = bitarray(endian="little")
+            bits.frombytes(data)
+            del bits[info["bits"] :]
+            n = 0
+            for off, length in grain_ranges(bits, info["shift"], self.size):
+                dirty.set(*self.geometry.blocks(off, length))
+                n += length
+            self.received_merge = f"{n} bytes the secondary received unflushed will be resynced"
+            log.warning("unclean stop: %s (received map of run %s)", self.received_merge, m.peer_run)
+        self._map_pending = False
+        self._persist()
 
     async def _open(self, uri):
         link = self._new_link(uri)
@@ -515,6 +596,20 @@ class PrimaryNode:
         self.resync_kind = kind
         if ident is not None:
             m.peer_gen = m.gen  # the secondary took our generation when it accepted us
+        run = ident["run"] if ident is not None and self.replica_first else ""
+        self._rf_ok = False
+        if run != m.peer_run:
+            if m.peer_run:
+                # Replica-first writes to the previous run may be in our page
+                # cache only, and the new run has no map of them.
+                try:
+                    await trio.to_thread.run_sync(self.image.datasync)
+                except RepdiskError as e:
+                    self._flush_broken = f"flushing the image failed: {e}"
+                    log.error("%s; no replica-first writes from now on", self._flush_broken)
+            m.peer_run = run
+            self._persist()  # before any write is sent to that run
+        self._rf_ok = bool(run) and self.replica_first and self._flush_broken is None
         self.peer_identity = identity
         self._link_down = trio.Event()
         self.link = link
@@ -531,10 +626,13 @@ class PrimaryNode:
                 log.info("connected to secondary %s (%s)", self.uri, identity or "plain NBD server")
                 nursery.start_soon(self._sync_then_replicate, link)
                 nursery.start_soon(self._watchdog, link)
+                if self._rf_ok and self.flush_interval > 0:
+                    nursery.start_soon(self._flush_timer, link)
                 await self._link_down.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self.link = None
+            self._rf_ok = False
             self._link_nursery = None
             self._sync_window = None
             with trio.CancelScope(shield=True):
@@ -569,8 +667,19 @@ class PrimaryNode:
             self._link_failed(e)
             return
         if self.state == st.P_SYNCING:
+            self.sync.finish()  # every byte acknowledged: the sync's own time
+        if self.state == st.P_SYNCING and self._rf_ok:
+            # Until flushed, the secondary's received map holds everything the
+            # sync sent, and a crash of our host would resync all of it again:
+            # replicating once both disks hold the sync durably.
+            try:
+                for _ in range(GENERATIONS):
+                    if await self._flush(link) is not None:
+                        return
+            except RepdiskError as e:
+                log.error("flush after the sync: %s", e)
+        if self.state == st.P_SYNCING:
             self._force = False
-            self.sync.finish()
             self._event("sync_done")
             log.info("sync done: %d bytes in %.2f s", self.sync.done, self.sync.elapsed)
 
@@ -651,14 +760,109 @@ class PrimaryNode:
         for e in range(e0, e1 + 1):
             busy[e] = busy.get(e, 0) + 1
         try:
-            await self._al_enter(e0, e1)
-            await self._write(offset, buf)
+            if self._rf_ok and self._rf_wanted(e0, e1):
+                await self._write_replica_first(offset, buf, e0, e1)
+            else:
+                await self._al_enter(e0, e1)
+                await self._write(offset, buf)
         finally:
             for e in range(e0, e1 + 1):
                 if busy[e] == 1:
                     del busy[e]
                 else:
                     busy[e] -= 1
+
+    def _rf_wanted(self, e0: int, e1: int) -> bool:
+        """Replica first: an extent not (yet) durably in the log, or one with a
+        replica-first write in flight (module doc)."""
+        al, rf = self._al, self._rf_busy
+        for e in range(e0, e1 + 1):
+            ev = al.get(e)
+            if ev is None or not ev.is_set() or e in rf:
+                return True
+        return False
+
+    async def _write_replica_first(self, offset: int, buf, e0: int, e1: int) -> None:
+        geo = self.geometry
+        b0, b1 = geo.blocks(offset, len(buf))
+        link = self.link
+        if link is None or link.failed is not None or not self._forwardable(offset, len(buf), b0, b1):
+            await self._al_enter(e0, e1)  # not sent: the local disk gets it first, logged
+            return await self._write(offset, buf)
+        w = self._verify_window
+        if w is not None and offset < w[1] and w[0] < offset + len(buf):
+            self._verify_touched = True
+        self._al_background(e0, e1)
+        rf = self._rf_busy
+        for e in range(e0, e1 + 1):
+            rf[e] = rf.get(e, 0) + 1
+        self.writes_forwarded += 1
+        self.writes_replica_first += 1
+        self._flushes_owed = GENERATIONS
+        image = self.image
+        mv = memoryview(buf)
+        local_error: list = []
+
+        def after(pos: int, n: int) -> None:  # the secondary has [pos, pos+n): now our disk
+            try:
+                image.pwrite(mv[pos - offset : pos - offset + n], pos)
+            except RepdiskError as e:
+                local_error.append(e)
+
+        try:
+            if is_zero(buf):
+                await link.zero(offset, len(buf), after=after)
+            else:
+                await link.write(buf, offset, after=after)
+        except RepdiskError as e:
+            # Not (all) taken by the secondary: our disk gets it now, logged
+            # like any write while degraded; the range is resynced later.
+            self.dirty.set(b0, b1)
+            self._link_failed(e)
+            await self._al_enter(e0, e1)
+            image.pwrite(buf, offset)
+            local_error.clear()
+        finally:
+            for e in range(e0, e1 + 1):
+                if rf[e] == 1:
+                    del rf[e]
+                else:
+                    rf[e] -= 1
+        if local_error:
+            # The secondary took it, our disk did not: the range differs until
+            # a resync, and the bitmap on disk says so before we answer.
+            self.dirty.set(b0, b1)
+            self._persist()
+            log.error("local write of %d bytes at %d failed after it was replicated; range marked for resync: %s",
+                      len(buf), offset, local_error[0])
+            raise local_error[0]
+
+    def _al_background(self, e0: int, e1: int) -> None:
+        """Put extents e0..e1 into the log, without making anyone wait, once
+        they are written again: the next writes there take the parallel path.
+        An extent written once (writes spread over a large disk) stays out:
+        adding it would cost a log store and, with a full log, an eviction
+        (an fdatasync of the image) for nothing."""
+        nursery, al, bg, recent = self._link_nursery, self._al, self._al_bg, self._rf_recent
+        for e in range(e0, e1 + 1):
+            if e in al or e in bg:
+                continue
+            if e not in recent:
+                recent[e] = None
+                if len(recent) > self._rf_recent_max:
+                    recent.popitem(last=False)
+                continue
+            del recent[e]
+            bg.add(e)
+            nursery.start_soon(self._al_bg_add, e)
+
+    async def _al_bg_add(self, e: int) -> None:
+        try:
+            await self._al_enter(e, e)
+        except RepdiskError as err:  # the next write there tries again
+            log.warning("activity log: extent %d not added in the background: %s", e, err)
+        finally:
+            self._al_bg.discard(e)
 
     async def _write(self, offset: int, buf) -> None:
         geo = self.geometry
@@ -717,29 +921,71 @@ class PrimaryNode:
 
     async def disk_fsync(self) -> None:
         """fsync of disk.img: the local image and, while replicating, NBD FLUSH
-        on the secondary, both at once (each writes a page cache back; on two
-        hosts the wait is the longer, not the sum).  A failed flush degrades replication;
-        a failed local fsync fails the call, once the flush is over."""
+        on the secondary (`_flush`).  A failed flush degrades replication; a
+        failed local fsync fails the call."""
         link = self.link
         if link is None or link.failed is not None or self.state not in (st.P_REPLICATING, st.P_SYNCING):
+            if self._flush_broken is not None:
+                raise IOFailure(f"cannot flush: {self._flush_broken}", None)
             await trio.to_thread.run_sync(self.image.fsync)
             return
+        await self._flush(link)  # the secondary's failure degrades replication, not the VM
 
-        async def flush_remote():
-            try:
-                await link.flush()
-            except RepdiskError as e:
-                self._link_failed(e)
+    async def _flush(self, link) -> RepdiskError | None:
+        """The flush protocol (repdisk.core.recvmap): one at a time; wait for
+        every request sent before (replica-first ones are then on our disk
+        too); NBD FLUSH and our own fsync at once (each writes a page cache
+        back; on two hosts the wait is the longer, not the sum); the next
+        flush starts only after both.  After a failed local fsync the page
+        cache may have dropped writes the secondary has: no NBD FLUSH is sent
+        again, so the secondary keeps their ranges in its received map.
+        Raises a local failure; returns the secondary's (the link is then
+        failed and replication degraded), None when both flushed."""
+        async with self._flush_lock:
+            if self._flush_broken is not None:
+                raise IOFailure(f"cannot flush: {self._flush_broken}; restart the primary (it resyncs "
+                                "what the secondary received since)", None)
+            self._flushes_owed = max(0, self._flushes_owed - 1)
+            await link.settle()
+            remote = local = None
 
-        local = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(flush_remote)
-            try:
-                await trio.to_thread.run_sync(self.image.fsync)
-            except RepdiskError as e:
-                local = e
-        if local is not None:
-            raise local
+            async def flush_remote():
+                nonlocal remote
+                try:
+                    await link.flush()
+                except RepdiskError as e:
+                    remote = e
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flush_remote)
+                try:
+                    await trio.to_thread.run_sync(self.image.fsync)
+                except RepdiskError as e:
+                    local = e
+            if local is not None:
+                self._flush_broken = f"flushing {self.image.path} failed: {local}"
+                self._rf_ok = False
+                log.error("%s; no NBD FLUSH and no replica-first writes from now on", self._flush_broken)
+                raise local
+            if remote is not None:
+                self._link_failed(remote)
+                return remote
+            self.flushes += 1
+            return None
+
+    async def _flush_timer(self, link) -> None:
+        """Flush both sides every flush_interval seconds until the secondary's
+        received map (what a crash of our host would resync) has dropped every
+        replica-first write: it holds only the last few seconds' ones."""
+        while link.failed is None:
+            await trio.sleep(self.flush_interval)
+            if self._flushes_owed and self.state in (st.P_REPLICATING, st.P_SYNCING) and self._flush_broken is None:
+                try:
+                    if await self._flush(link) is not None:
+                        return
+                except RepdiskError as e:
+                    log.error("periodic flush: %s", e)
+                    return
 
     # ---- control -------------------------------------------------------------
     def status(self) -> dict:
@@ -769,6 +1015,9 @@ class PrimaryNode:
             "activity_log": {"extents": len(self._al), "extent_bytes": 1 << AL_SHIFT, "max_extents": self.al_extents if self._al_fd is not None else 0,
                              "writes": self.al_writes, "evictions": self.al_evictions,
                              "durability": self.al_durability},
+            "replica_first": {"active": self._rf_ok, "writes": self.writes_replica_first,
+                              "flushes": self.flushes, "flush_broken": self._flush_broken,
+                              "secondary_run": self.meta.peer_run or None, "after_unclean_stop": self.received_merge},
         }
         if self.verify.started is not None:
             geo = self.geometry
@@ -810,14 +1059,18 @@ class PrimaryNode:
         self._event("checkpoint")
         flush = how == "flush" or self.checkpoint_flush
         link = self.link
-        try:
-            if flush:
-                await link.flush()  # every write acknowledged before now, then NBD FLUSH
-            else:
+        if flush:
+            # Every write acknowledged before now, then NBD FLUSH (and our own
+            # fsync: the flush protocol); a local failure is raised as is.
+            failed = await self._flush(link)
+            if failed is not None:
+                raise IOFailure("checkpoint: the secondary did not take the flush", None) from failed
+        else:
+            try:
                 await link.settle()  # every write acknowledged before now
-        except RepdiskError as e:
-            self._link_failed(e)
-            raise IOFailure("checkpoint: the secondary did not take the " + ("flush" if flush else "writes"), None) from e
+            except RepdiskError as e:
+                self._link_failed(e)
+                raise IOFailure("checkpoint: the secondary did not take the writes", None) from e
         self.epoch += 1
         self.error = None
         log.info("checkpoint %d: replication drained%s", self.epoch, " and flushed" if flush else "")
@@ -912,11 +1165,14 @@ class PrimaryNode:
         if link is not None and link.failed is None:
             with trio.move_on_after(10) as timeout:
                 try:
-                    await link.flush()
-                    drained = True
-                    log.info("replication drained and flushed")
+                    failed = await self._flush(link)
+                    if failed is None:
+                        drained = True
+                        log.info("replication drained and flushed")
+                    else:
+                        log.warning("final flush to the secondary failed: %s", failed)
                 except RepdiskError as e:
-                    log.warning("final flush to the secondary failed: %s", e)
+                    log.warning("final flush failed: %s", e)
             if timeout.cancelled_caught:
                 log.warning("final flush to the secondary did not finish within 10 s")
         self._stopping = True
@@ -925,7 +1181,9 @@ class PrimaryNode:
         await trio.to_thread.run_sync(self.image.fsync)
         # A clean stop: the bitmap holds everything the secondary lacks.  Without a
         # drained link, in-flight writes are only covered by the activity log.
-        self.meta.clean = drained or (link is not None and link.failed is not None)
+        # After a failed local flush, the secondary's received map is what tells
+        # the next start which ranges our disk may have lost: not clean.
+        self.meta.clean = (drained or (link is not None and link.failed is not None)) and self._flush_broken is None
         await trio.to_thread.run_sync(self._persist)
 
 
