@@ -11,10 +11,13 @@ set, so this measures two:
            every write is in a new extent, the worst case
   hot      random writes over --hot bytes (default 1 GiB), which fit in the log
 
-For each, a fresh sync-mode repdisk pair (unix socket) with the default log
-("log", --al-durability host), one with the log in the page cache ("cached",
---al-durability process: a host crash means a full resync) and one with
-`--al-extents 0` (no log: any crash means a full resync) runs fio
+For each, a fresh sync-mode repdisk pair (unix socket) with the defaults
+("rf": the log kept durable, and a write into an extent it does not hold
+goes replica first instead of waiting for the log's flush), one with
+`--replica-first off` ("log": such a write waits for the log's fdatasync),
+one with the log in the page cache ("cached", --al-durability process: a
+host crash means a full resync) and one with `--al-extents 0` (no log: any
+crash means a full resync) runs fio
 psync QD1 with 2 jobs for --runtime seconds, then fsyncs disk.img, --reps
 times.  It prints the median IOPS counting the time of that flush (without
 the log the image's dirty pages wait in the page cache and the flush pays
@@ -23,7 +26,7 @@ p50/p99 latency, log updates per write, evictions, and the log's ratio to
 no log.
 
 Usage: .venv/bin/python tools/al_cost.py [--size BYTES] [--hot BYTES]
-       [--runtime S] [--reps N] [--case spread|hot]   (run as root, like tools/bench)
+       [--runtime S] [--reps N] [--case spread|hot] [--config rf|log|cached|"no log"]   (run as root, like tools/bench)
 """
 
 import argparse
@@ -41,6 +44,10 @@ from benchlib.fio import run_fio  # noqa: E402
 from benchlib.targets import RepdiskPair  # noqa: E402
 from benchlib.util import human_size  # noqa: E402
 from repdisk.core.image import parse_size  # noqa: E402
+
+
+CONFIGS = {"rf": [], "log": ["--replica-first", "off"], "cached": ["--al-durability", "process"],
+           "no log": ["--al-extents", "0"]}
 
 
 def measure(work: str, size: int, region: int, al: list[str], runtime: int) -> dict:
@@ -84,6 +91,7 @@ def main() -> int:
     ap.add_argument("--runtime", type=int, default=20, help="seconds per fio run (default 20)")
     ap.add_argument("--reps", type=int, default=3, help="runs per case (default 3)")
     ap.add_argument("--case", action="append", choices=("spread", "hot"), help="only this case (repeatable)")
+    ap.add_argument("--config", action="append", choices=CONFIGS, help="only this configuration (repeatable)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix=".benchtmp-al-", dir=os.getcwd())
     try:
@@ -91,8 +99,9 @@ def main() -> int:
             if args.case and case not in args.case:
                 continue
             medians = {}
-            for name, al in (("log", []), ("cached", ["--al-durability", "process"]),
-                             ("no log", ["--al-extents", "0"])):
+            for name, al in CONFIGS.items():
+                if args.config and name not in args.config:
+                    continue
                 runs = []
                 for rep in range(args.reps):
                     runs.append(measure(os.path.join(work, f"{case}-{name.replace(' ', '')}-{rep}"),
@@ -105,7 +114,9 @@ def main() -> int:
                       f"flush {m['flush_s']:.1f} s)  p50 {m['p50_us']:.0f}  p99 {m['p99_us']:.0f} us"
                       f"  log writes/write {m['al_writes_per_io']:.2f}  evictions {m['evictions']:.0f}",
                       flush=True)
-            for name in ("log", "cached"):
+            for name in ("rf", "log", "cached"):
+                if name not in medians or "no log" not in medians:
+                    continue
                 print(f"{case:6s}: {name} / no log = "
                       f"{medians[name]['durable_iops'] / medians['no log']['durable_iops']:.2f} with the flush, "
                       f"{medians[name]['iops'] / medians['no log']['iops']:.2f} before it", flush=True)

@@ -70,7 +70,8 @@ def run_fio(filename: str | None, options: dict, direct: bool, timeout: float = 
         "iops": side["iops"],
         "p50_us": pct.get("50.000000", 0) / 1000,
         "p99_us": pct.get("99.000000", 0) / 1000,
-        "runtime_ms": job.get("job_runtime"),
+        # The group's wall time: job_runtime sums the jobs' (numjobs > 1).
+        "runtime_ms": side.get("runtime") or job.get("job_runtime"),
         "ios": side.get("total_ios", 0),
         "fio_cpu_s": [ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime],
     }
