@@ -669,3 +669,23 @@ def test_the_secondary_serves_its_received_map_read_only(tmp_path, sec):
     bits = bitarray(endian="little")
     bits.frombytes(data)
     assert list(bits.search(1)) == [(3 * EXTENT + 65536) >> 16, (SIZE >> 16) - 1]
+
+
+def test_a_sequential_stream_logs_the_next_extent_ahead_and_keeps_the_parallel_path(tmp_path, sec):
+    """Replica first writes the local image only after the round trip; a
+    stream of 1 MiB writes puts the extent after its own into the log in the
+    background, so past its first extent it finds each one logged."""
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        chunk = 1 << 20
+        for i in range(8 * EXTENT // chunk):
+            await node.disk_write(16 * EXTENT + i * chunk, bytes([i + 1]) * chunk)
+            await trio.sleep(0.01)  # room for the background log store, as a real stream's pace gives
+        assert node.writes_replica_first <= 4  # the first extent's writes at most
+        assert set(range(17, 25)) <= set(node._al)
+        await node.checkpoint()
+
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=0)
+    trio.run(run_node, node, body)
+    assert sec.data == node.image.pread(0, SIZE)

@@ -58,6 +58,7 @@ REPLY_POLL_US = 200  # sync mode: how long it may poll for the reply before slee
 SYNC_MAX_REQUESTS = 64  # requests the link keeps in flight, sync mode (the (re)sync pipelines)
 ASYNC_MAX_REQUESTS = 256  # async mode: room for full batches while the last ones are answered
 VERIFY_CHUNK = 16 << 20  # bytes compared at a time (4 pipelined NBD reads)
+RECENT_ENDS = 32  # write ends remembered to tell a sequential stream (_log_ahead)
 FLUSH_INTERVAL = 2.0  # seconds: flush both sides this often while replica-first writes are unflushed
 
 
@@ -132,6 +133,7 @@ class PrimaryNode:
         # extents written replica first once lately (FIFO): a second write puts one in the log
         self._rf_recent: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._rf_recent_max = 4 * max(1, al_extents)
+        self._recent_ends: collections.OrderedDict[int, None] = collections.OrderedDict()  # where writes ended
         self.writes_replica_first = 0
         self.flush_interval = flush_interval
         self._flush_lock = trio.Lock()  # one flush at a time (the flush protocol)
@@ -757,20 +759,35 @@ class PrimaryNode:
             return await self._write(offset, buf)
         e0, e1 = offset >> AL_SHIFT, (offset + len(buf) - 1) >> AL_SHIFT
         busy = self._al_busy
-        for e in range(e0, e1 + 1):
-            busy[e] = busy.get(e, 0) + 1
+        _count(busy, e0, e1, 1)
         try:
-            if self._rf_ok and self._rf_wanted(e0, e1):
-                await self._write_replica_first(offset, buf, e0, e1)
-            else:
-                await self._al_enter(e0, e1)
-                await self._write(offset, buf)
+            if self._rf_ok:
+                self._log_ahead(offset, offset + len(buf))
+                if self._rf_wanted(e0, e1):
+                    return await self._write_replica_first(offset, buf, e0, e1)
+            await self._al_enter(e0, e1)
+            await self._write(offset, buf)
         finally:
-            for e in range(e0, e1 + 1):
-                if busy[e] == 1:
-                    del busy[e]
-                else:
-                    busy[e] -= 1
+            _count(busy, e0, e1, -1)
+
+    def _log_ahead(self, start: int, end: int) -> None:
+        """A write that continues an earlier one (a sequential stream) puts
+        the extent after its own into the log in the background, so that the
+        stream finds it logged and keeps the parallel path (replica first
+        writes the local image only after the round trip, which a stream of
+        large writes into new extents would pay on every write)."""
+        ends = self._recent_ends
+        seq = start in ends
+        if seq:
+            del ends[start]
+        ends[end] = None
+        if len(ends) > RECENT_ENDS:
+            ends.popitem(last=False)
+        if seq:
+            nxt = (end >> AL_SHIFT) + 1
+            if nxt << AL_SHIFT < self.geometry.size and nxt not in self._al and nxt not in self._al_bg:
+                self._al_bg.add(nxt)
+                self._link_nursery.start_soon(self._al_bg_add, nxt)
 
     def _rf_wanted(self, e0: int, e1: int) -> bool:
         """Replica first: an extent not (yet) durably in the log, or one with a
@@ -794,8 +811,7 @@ class PrimaryNode:
             self._verify_touched = True
         self._al_background(e0, e1)
         rf = self._rf_busy
-        for e in range(e0, e1 + 1):
-            rf[e] = rf.get(e, 0) + 1
+        _count(rf, e0, e1, 1)
         self.writes_forwarded += 1
         self.writes_replica_first += 1
         self._flushes_owed = GENERATIONS
@@ -823,11 +839,7 @@ class PrimaryNode:
             image.pwrite(buf, offset)
             local_error.clear()
         finally:
-            for e in range(e0, e1 + 1):
-                if rf[e] == 1:
-                    del rf[e]
-                else:
-                    rf[e] -= 1
+            _count(rf, e0, e1, -1)
         if local_error:
             # The secondary took it, our disk did not: the range differs until
             # a resync, and the bitmap on disk says so before we answer.
@@ -1185,6 +1197,16 @@ class PrimaryNode:
         # the next start which ranges our disk may have lost: not clean.
         self.meta.clean = (drained or (link is not None and link.failed is not None)) and self._flush_broken is None
         await trio.to_thread.run_sync(self._persist)
+
+
+def _count(counts: dict, e0: int, e1: int, step: int) -> None:
+    """Add `step` (+1/-1) to the counts of extents e0..e1; a count of 0 goes."""
+    for e in range(e0, e1 + 1):
+        n = counts.get(e, 0) + step
+        if n:
+            counts[e] = n
+        else:
+            del counts[e]
 
 
 def _diff_runs(runs: list, geo: Geometry, start: int, local: bytes, remote: bytes) -> None:
