@@ -453,6 +453,44 @@ def test_flush_and_fua_flush_outside_the_event_loop():
         assert server_thread not in dev.flush_threads
 
 
+class HeldFlushDevice(MemDevice):
+    """A device whose flush waits until the test releases it."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.release = threading.Event()
+        self.flushing = threading.Event()
+
+    def flush(self) -> None:
+        self.flushing.set()
+        assert self.release.wait(20)
+        super().flush()
+
+
+def test_a_flush_does_not_hold_up_the_requests_after_it():
+    """The device flush runs in its own thread: a write sent after a FLUSH
+    is applied and answered while the flush is still running; the FLUSH is
+    answered once it is done, and FLUSHes sent meanwhile share the next
+    device flush."""
+    dev = HeldFlushDevice(1 << 20)
+    with serving(dev) as (thread, events):
+        with RawClient(thread.address) as c:
+            c.connect()
+            assert c.write(0, b"before") == 0
+            flush = c.request(w.CMD_FLUSH)
+            assert dev.flushing.wait(10)
+            assert c.write(100, b"after") == 0  # answered before the flush's reply
+            assert c.read(100, 5) == (0, b"after")
+            more = [c.request(w.CMD_FLUSH), c.request(w.CMD_FLUSH)]
+            time.sleep(0.1)
+            dev.release.set()
+            assert c.reply(flush) == (0, b"")
+            assert [c.reply(h)[0] for h in more] == [0, 0]
+            assert dev.flushes == 2  # the first, then one for both that waited
+            c.disc()
+            assert c.wait_closed()
+
+
 def test_write_buffer_is_not_kept_by_the_server():
     """Two writes in a row: the second must not change what the first wrote."""
     dev = MemDevice(1 << 20)
