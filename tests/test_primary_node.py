@@ -286,6 +286,51 @@ def test_fsync_runs_the_local_fsync_while_the_secondary_flushes(tmp_path):
         server.stop()
 
 
+def test_an_fsync_while_the_link_fails_still_fsyncs_locally_and_succeeds(tmp_path):
+    """The flush protocol first waits for the writes sent before; if the link
+    fails during that wait, the VM's fsync still fsyncs the local image and
+    succeeds (replication degrades, not the VM)."""
+    from test_replica_link import Server
+
+    hold = tmp_path / "hold"
+    server = Server(["nbdkit", "--exit-with-parent", "-f", "eval", f"get_size=echo {SIZE}",
+                     "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+                     f"pwrite=cat >/dev/null; while [ -e {hold} ]; do sleep 0.01; done; echo EIO >&2; exit 1",
+                     "can_flush=exit 0", "flush=exit 0"])
+    try:
+        image = RawImage.open(str(tmp_path / "pri.img"), SIZE)
+        node = PrimaryNode(image, uri=server.uri, io_timeout=0, assume_synced=True,
+                           meta_path=str(tmp_path / "pri.img.meta"), al_path=str(tmp_path / "pri.img.al"))
+        fsyncs = []
+        real_fsync = image.fsync
+        image.fsync = lambda: (fsyncs.append(1), real_fsync())
+
+        async def body(node):
+            await wait_state(node, st.P_REPLICATING)
+            hold.touch()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(node.disk_write, 4096, b"x" * 4096)
+                with trio.fail_after(10):
+                    while not node.link.inflight_requests:
+                        await trio.sleep(0.005)
+                done = []
+
+                async def fsync():
+                    await node.disk_fsync()
+                    done.append(1)
+
+                nursery.start_soon(fsync)
+                await trio.sleep(0.2)
+                assert not done  # waiting for the write sent before it
+                hold.unlink()  # the write fails: the link with it
+            assert done and fsyncs and node.state == st.P_DEGRADED
+            assert image.pread(4096, 4096) == b"x" * 4096 and node.dirty.any(1, 2)
+
+        trio.run(run_node, node, body)
+    finally:
+        server.stop()
+
+
 def test_misses_at_once_share_one_log_write(tmp_path, sec):
     """Group commit: writes to new extents that arrive while the log is being
     stored wait for the next store together, not one store each."""

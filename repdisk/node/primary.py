@@ -958,8 +958,11 @@ class PrimaryNode:
                 raise IOFailure(f"cannot flush: {self._flush_broken}; restart the primary (it resyncs "
                                 "what the secondary received since)", None)
             self._flushes_owed = max(0, self._flushes_owed - 1)
-            await link.settle()
             remote = local = None
+            try:
+                await link.settle()
+            except RepdiskError as e:  # the link failed: our own fsync still runs
+                remote = e
 
             async def flush_remote():
                 nonlocal remote
@@ -969,7 +972,8 @@ class PrimaryNode:
                     remote = e
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(flush_remote)
+                if remote is None:
+                    nursery.start_soon(flush_remote)
                 try:
                     await trio.to_thread.run_sync(self.image.fsync)
                 except RepdiskError as e:
