@@ -94,9 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "disk once the secondary answered, so it does not wait for the log's flush; the secondary keeps "
                     "a map of such writes until both sides flushed, which a crashed primary reads back (default on; "
                     "off: every such write waits for the log's flush)")
-    pr.add_argument("--flush-interval", type=_number(float, 0, 3600, "a number of seconds from 0 to 3600"), default=2.0,
-                    help="seconds between flushes of both disks while replica-first writes are unflushed: bounds what "
-                    "a crash of this host resyncs (default 2; 0: only when the VM flushes)")
+    pr.add_argument("--flush-interval", type=_number(float, 0, 3600, "a number of seconds from 0 to 3600"), default=30.0,
+                    help="while replica-first writes are unflushed, both disks are flushed this many seconds after "
+                    "the last flush, or sooner once such writes touched 256 MiB: bounds what a crash of this host "
+                    "resyncs (default 30; 0: only when the VM flushes)")
 
     pr.add_argument("--checkpoint-flush", action="store_true", help="every checkpoint also sends NBD FLUSH, so the "
                     "replica is durable up to the last checkpoint (default: a checkpoint waits for the secondary's "

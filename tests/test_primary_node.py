@@ -620,13 +620,36 @@ def test_the_timer_flushes_until_the_received_map_is_empty(tmp_path, sec):
         await wait_state(node, st.P_REPLICATING)
         await node.disk_write(5 * EXTENT, b"c" * 4096)
         with trio.fail_after(10):
-            while sec.node.received.count():
+            while sec.node.received.count() or node._flush_lock.locked():  # the last flush finished too
                 await trio.sleep(0.02)
         flushes = node.flushes
         await trio.sleep(0.3)
         assert node.flushes == flushes  # and then it stops
 
     node = make_node(tmp_path, sec, replica_first=True, flush_interval=0.05)
+    trio.run(run_node, node, body)
+
+
+def test_a_hot_working_set_is_not_flushed_again_and_again(tmp_path, sec):
+    """Replica-first writes that stay under the byte budget wait for the
+    interval; past the budget (FLUSH_BYTES of map grains) the flush comes at
+    once."""
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        with trio.fail_after(10):
+            while node._flush_lock.locked():
+                await trio.sleep(0.01)
+        flushes = node.flushes
+        await node.disk_write(5 * EXTENT, b"c" * 4096)
+        await trio.sleep(0.6)
+        assert node.flushes == flushes  # 64 KiB of map, under the budget, a 30 s interval: no flush yet
+        for e in range(6, 10):  # 4 more grains: past the budget
+            await node.disk_write(e * EXTENT, b"d" * 4096)
+        with trio.fail_after(5):
+            while node.flushes == flushes:
+                await trio.sleep(0.02)
+
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=30, flush_bytes=4 << 16)
     trio.run(run_node, node, body)
 
 
