@@ -482,7 +482,10 @@ def test_a_flush_does_not_hold_up_the_requests_after_it():
             assert c.write(100, b"after") == 0  # answered before the flush's reply
             assert c.read(100, 5) == (0, b"after")
             more = [c.request(w.CMD_FLUSH), c.request(w.CMD_FLUSH)]
-            time.sleep(0.1)
+            deadline = time.monotonic() + 10
+            while thread.server.statistics()["requests"]["flush"] < 3:  # both queued behind the held flush
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
             dev.release.set()
             assert c.reply(flush) == (0, b"")
             assert [c.reply(h)[0] for h in more] == [0, 0]
