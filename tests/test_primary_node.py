@@ -609,8 +609,8 @@ def test_the_secondary_forgets_a_write_after_three_flushes(tmp_path, sec):
             await node.disk_fsync()
         assert node.flushes >= 3
 
-    node = make_node(tmp_path, sec, replica_first=True, flush_interval=0)
-    node._assume_synced = True  # nothing to sync: the map holds only the write above
+    # assume_synced: nothing to sync, so the map holds only the write above
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=0, assume_synced=True)
     trio.run(run_node, node, body)
 
 

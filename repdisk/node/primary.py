@@ -610,7 +610,6 @@ class PrimaryNode:
         if ident is not None:
             m.peer_gen = m.gen  # the secondary took our generation when it accepted us
         run = ident["run"] if ident is not None and self.replica_first else ""
-        self._rf_ok = False
         if run != m.peer_run:
             if m.peer_run:
                 # Replica-first writes to the previous run may be in our page
@@ -797,8 +796,7 @@ class PrimaryNode:
         if seq:
             nxt = (end >> AL_SHIFT) + 1
             if nxt << AL_SHIFT < self.geometry.size and nxt not in self._al and nxt not in self._al_bg:
-                self._al_bg.add(nxt)
-                self._link_nursery.start_soon(self._al_bg_add, nxt)
+                self._al_soon(nxt)
 
     def _rf_wanted(self, e0: int, e1: int) -> bool:
         """Replica first: an extent not (yet) durably in the log, or one with a
@@ -867,7 +865,7 @@ class PrimaryNode:
         An extent written once (writes spread over a large disk) stays out:
         adding it would cost a log store and, with a full log, an eviction
         (an fdatasync of the image) for nothing."""
-        nursery, al, bg, recent = self._link_nursery, self._al, self._al_bg, self._rf_recent
+        al, bg, recent = self._al, self._al_bg, self._rf_recent
         for e in range(e0, e1 + 1):
             if e in al or e in bg:
                 continue
@@ -877,8 +875,13 @@ class PrimaryNode:
                     recent.popitem(last=False)
                 continue
             del recent[e]
-            bg.add(e)
-            nursery.start_soon(self._al_bg_add, e)
+            self._al_soon(e)
+
+    def _al_soon(self, e: int) -> None:
+        """Start putting extent `e` (not in the log, nor being put there) into
+        the log in the background."""
+        self._al_bg.add(e)
+        self._link_nursery.start_soon(self._al_bg_add, e)
 
     async def _al_bg_add(self, e: int) -> None:
         try:
