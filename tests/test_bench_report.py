@@ -145,6 +145,23 @@ def test_two_plain_files_bound_a_pairs_seq_write_cells():
     assert view["note"] == ""
 
 
+def test_the_log_path_is_compared_with_replica_first_and_has_no_target_of_its_own():
+    """rd-sync-unix-norf (--replica-first off) is measured in the same run:
+    rd-sync-unix carries xnorf against it, and it gets no target check."""
+    def cells(iops):
+        return {io: {"randwrite": {"runs": [run(iops, iops * 3, (0.1, 0.1))], "errors": []}}
+                for io in ("direct", "buffered")}
+    res = {"fio": {"targets": {"qemu-pri": cells(5000), "rd-sync-unix": cells(6000),
+                               "rd-sync-unix-norf": cells(4000)}, "labels": {}}}
+    summary = report.summarize_all(res)
+    rows = {(r["key"], r["io"]): r for r in summary["rows"] if r["section"] == "fio"}
+    assert rows[("rd-sync-unix", "direct")]["ratios"]["xnorf"] == pytest.approx(1.5)
+    assert rows[("rd-sync-unix-norf", "direct")]["ratios"]["xQEMU"] == pytest.approx(0.8)
+    assert "xnorf" not in rows[("rd-sync-unix-norf", "direct")]["ratios"]
+    checked = sorted(c["item"].split(":")[0] for c in summary["checks"])
+    assert checked == ["rd-sync-unix", "rd-sync-unix"]
+
+
 def test_targets_without_a_workload_get_no_row_for_it():
     """Two plain files run the seq-write job only: no n/a rows for the rest."""
     seq = {"runs": [run(300, 512, (0.1, 0.2))], "errors": []}

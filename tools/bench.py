@@ -69,7 +69,7 @@ class Config:
             self.sync_transports = ["unix", "tcp"]
             self.rss_write = 1 * GiB
             self.fio_targets = ["plain", "plain-pair", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix",
-                                "rd-sync-tcp", "rd-async-tcp", "rd-sec"]
+                                "rd-sync-tcp", "rd-async-tcp", "rd-sync-unix-norf", "rd-sec"]
             self.ckpt_systems = ["qemu", "rd-sync", "rd-async"]
         self.rss_disk = 1 * TiB
         self.fio_workloads = list(WORKLOADS)
@@ -109,6 +109,7 @@ TARGET_LABEL = {
     "plain": "plain file", "plain-pair": PlainPairTarget.label, "py-floor": "pyfuse3 passthrough", "qemu-pri": "QEMU primary", "qemu-sec": "QEMU secondary view",
     "rd-sync-unix": "repdisk sync unix", "rd-async-unix": "repdisk async unix",
     "rd-sync-tcp": "repdisk sync tcp", "rd-async-tcp": "repdisk async tcp",
+    "rd-sync-unix-norf": "repdisk sync unix, rf off",
     "rd-sec": "repdisk secondary view",
 }
 
@@ -240,8 +241,11 @@ def _start_fio_target(key, d, size):
         elif key == "rd-sec":
             t = RepdiskPair(d, size, mode="sync", transport="unix")
         else:
-            _, mode, transport = key.split("-")
-            t = RepdiskPair(d, size, mode=mode, transport=transport)
+            # rd-<mode>-<transport>[-norf]; -norf: the activity log path, measured next
+            # to replica first in the same run
+            _, mode, transport, *rest = key.split("-")
+            extra = ["--replica-first", "off"] if rest == ["norf"] else []
+            t = RepdiskPair(d, size, mode=mode, transport=transport, extra_primary=extra)
         holder.append(t)
         _LIVE.append(t)
         t.start()

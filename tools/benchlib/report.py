@@ -6,7 +6,7 @@ from .profile import busy_symbols
 from .util import MiB, summarize
 
 FIO_ORDER = ["plain", "plain-pair", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix", "rd-sync-tcp",
-             "rd-async-tcp", "rd-sec"]
+             "rd-async-tcp", "rd-sync-unix-norf", "rd-sec"]
 CKPT_LABEL = {"qemu": "QEMU", "rd-sync": "repdisk sync", "rd-async": "repdisk async"}
 
 
@@ -76,6 +76,9 @@ def summarize_all(res: dict) -> dict:
             ratios["xfloor"] = _ratio(s["v"], fio_summ[(wl, io, "py-floor")]["v"])
         if (key.startswith("rd-") or key == "qemu-pri") and key != "rd-sec" and (wl, io, "plain-pair") in fio_summ:
             ratios["xpair"] = _ratio(s["v"], fio_summ[(wl, io, "plain-pair")]["v"])
+        if key == "rd-sync-unix" and (wl, io, "rd-sync-unix-norf") in fio_summ:
+            # what replica first buys over the activity log path, same run
+            ratios["xnorf"] = _ratio(s["v"], fio_summ[(wl, io, "rd-sync-unix-norf")]["v"])
         extra = {"workload": wl, "io": io, "key": key}
         if s["p50"]:
             extra["p50_us"] = s["p50"]["median"]
@@ -220,10 +223,8 @@ def checks(rows: list[dict], res: dict) -> list[dict]:
         x = r["ratios"].get("xQEMU")
         key, wl = r["key"], r["workload"]
         what = f"{r['target']}: {r['item']}"
-        if "na" in r:
-            continue
-        if x is None:
-            continue
+        if "na" in r or x is None or key.endswith("-norf"):
+            continue  # -norf is a comparison (the log path), not a configuration with a target
         d = disk.get((wl, r["io"]))
         note = f"two plain files: {d:.2f}x QEMU" if d is not None and key != "rd-sec" else ""
         if key == "rd-sec":
@@ -323,7 +324,8 @@ def table(res: dict, summary: dict) -> str:
              f"{meta['cpus']} CPUs, kernel {meta['kernel']}, {meta['qemu']}",
              "figures: median (min-max) of the repetitions; xQEMU/xplain/xfloor/xpair = repdisk / baseline "
              "(floor: a minimal pyfuse3 passthrough of a raw file; pair: two plain files written at once, "
-             "per file, what a pair's two images take of this disk; for ms, MiB and x rows lower "
+             "per file, what a pair's two images take of this disk; xnorf: sync unix with replica first "
+             "/ the same with --replica-first off; for ms, MiB and x rows lower "
              "is better)"]
     ft = meta.get("first_touch")
     if ft:
