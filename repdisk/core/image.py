@@ -163,6 +163,16 @@ class RawImage:
         except OSError as e:
             raise IOFailure(f"fdatasync {self.path}", e) from None
 
+    def drop_cached(self, offset: int, length: int) -> None:
+        """Drop the clean page-cache pages of [offset, offset+length), so that
+        the next read sees what the disk holds: after a failed writeback the
+        kernel may keep pages it never wrote, marked clean.  Dirty pages stay
+        (and are being written back)."""
+        try:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError as e:
+            raise IOFailure(f"dropping cached pages of {self.path} at {offset}", e) from None
+
     def copy_to(self, dst: "RawImage", offset: int, length: int) -> None:
         """Copy [offset, offset+length) into `dst` at the same offset (copy_file_range)."""
         end = offset + length

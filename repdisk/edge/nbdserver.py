@@ -405,18 +405,20 @@ class NbdServer:
         peer = _peer_text(stream.socket, self._next_id)
         _detect_dead_peer(stream.socket)
         refusal = self._reason
+        side_only = False
         if refusal is None and self._slot is not None:
             refusal = (
                 f"another NBD client ({self._slot.peer}) is connected; "
                 "this server takes one client at a time (the primary is the only writer)"
             )
+            side_only = self.side_export is not None  # read-only side exports stay open to it
         slot = None
         if refusal is None:
             slot = self._slot = _Slot(peer)
-        else:
+        elif not side_only:
             self._counters["refused"] += 1
             log.info("NBD client %s refused: %s", peer, refusal)
-        session = _Session(self, stream, peer, refusal)
+        session = _Session(self, stream, peer, refusal, side_only)
         try:
             async with stream:
                 if slot is None:
@@ -467,7 +469,8 @@ class NbdServer:
 class _Session:
     """The protocol for one connection: handshake, then transmission."""
 
-    def __init__(self, server: NbdServer, stream: trio.SocketStream, peer: str, refusal: str | None):
+    def __init__(self, server: NbdServer, stream: trio.SocketStream, peer: str, refusal: str | None,
+                 side_only: bool = False):
         self.server = server
         self.device = server.device
         self.side = False  # serving a side export (read-only), not the device
@@ -476,6 +479,10 @@ class _Session:
         self.wire = _Wire(self.sock, w.OPTION_HEADER.size + w.MAX_OPTION)
         self.peer = peer
         self.refusal = refusal  # set when this connection was refused at accept
+        # refused only because the slot is taken: a side export may still be
+        # read (the primary reads the received map while connected)
+        self.side_only = side_only
+        self._refusal_counted = False
         self.no_zeroes = False
         self.transmitting = False
         self.error: str | None = None
@@ -529,8 +536,22 @@ class _Session:
 
     # ---- handshake ---------------------------------------------------------------------
 
-    def _refusal(self) -> str | None:
-        return self.refusal if self.refusal is not None else self.server._reason
+    def _refusal(self, option: int | None = None, data: bytes = b"") -> str | None:
+        """Why this connection may not have what `option` asks, or None."""
+        refusal = self.refusal if self.refusal is not None else self.server._reason
+        if refusal is not None and self.side_only and self.server._reason is None and option is not None:
+            if option == w.OPT_EXPORT_NAME:
+                name = w.decode_name(data)
+            else:
+                request = w.parse_info_request(data) if option in (w.OPT_INFO, w.OPT_GO) else None
+                name = request[0] if request is not None else None
+            if name is not None and self.server.side_export(name) is not None:
+                return None
+        if refusal is not None and self.side_only and not self._refusal_counted:
+            self._refusal_counted = True
+            self.counters["refused"] += 1
+            log.info("NBD client %s refused: %s", self.peer, refusal)
+        return refusal
 
     async def handshake(self) -> bool:
         """Option haggling; True to enter transmission, False to close."""
@@ -550,7 +571,7 @@ class _Session:
                 return False
             if option == w.OPT_EXPORT_NAME:
                 return await self._export_name(data)
-            refusal = self._refusal()
+            refusal = self._refusal(option, data)
             if refusal is not None:
                 await self.wire.send(w.option_error(option, w.REP_ERR_POLICY, refusal))
                 continue
@@ -568,7 +589,7 @@ class _Session:
     async def _export_name(self, data: bytes) -> bool:
         """NBD_OPT_EXPORT_NAME cannot be answered with an error: on refusal or an
         unknown name the spec says to hang up."""
-        refusal = self._refusal()
+        refusal = self._refusal(w.OPT_EXPORT_NAME, data)
         name = w.decode_name(data)
         if refusal is not None:
             log.info("NBD client %s: NBD_OPT_EXPORT_NAME refused (%s); closing the connection", self.peer, refusal)

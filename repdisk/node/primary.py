@@ -58,6 +58,8 @@ REPLY_POLL_US = 200  # sync mode: how long it may poll for the reply before slee
 SYNC_MAX_REQUESTS = 64  # requests the link keeps in flight, sync mode (the (re)sync pipelines)
 ASYNC_MAX_REQUESTS = 256  # async mode: room for full batches while the last ones are answered
 VERIFY_CHUNK = 16 << 20  # bytes compared at a time (4 pipelined NBD reads)
+REPAIR_PIECE = 4 << 20  # a repair reads the secondary's received ranges in pieces of at most this
+REPAIR_BATCH = 64  # pieces read at once (pipelined), then compared in one thread hop
 RECENT_ENDS = 32  # write ends remembered to tell a sequential stream (_log_ahead)
 # While replica-first writes are unflushed, both sides are flushed once the
 # secondary's map has taken FLUSH_BYTES of them since the last flush, or
@@ -155,6 +157,16 @@ class PrimaryNode:
         self._rf_bytes = 0  # map grains replica-first writes touched since the last flush, in bytes
         self._last_flush = 0.0  # trio clock
         self.flushes = 0
+        # (link, writes_marked) when the last flush whose local fsync succeeded
+        # began: while both still hold, every write since is on that link's
+        # secondary, and a failed local fsync can be repaired from it.
+        self._clean_flush: tuple | None = None
+        self.repair = Progress()  # the last repair from the replica
+        self.repairs = 0
+        self.repair_result: str | None = None
+        self._writes_active = 0  # disk_write calls in progress
+        self._writes_quiet: trio.Event | None = None  # set when they reach 0
+        self._writes_held: trio.Event | None = None  # while a repair runs: set when it ends
         self._map_pending = False  # after an unclean stop: merge the secondary's received map
         self.received_merge: str | None = None  # what that merge found (status)
         self.meta = self._load_meta(assume_synced)
@@ -763,8 +775,18 @@ class PrimaryNode:
         return self.image.pread(offset, length)
 
     async def disk_write(self, offset: int, buf) -> None:
-        geo = self.geometry
-        geo.check(offset, len(buf))
+        self.geometry.check(offset, len(buf))
+        while self._writes_held is not None:  # a repair from the replica is running
+            await self._writes_held.wait()
+        self._writes_active += 1
+        try:
+            await self._disk_write(offset, buf)
+        finally:
+            self._writes_active -= 1
+            if not self._writes_active and self._writes_quiet is not None:
+                self._writes_quiet.set()
+
+    async def _disk_write(self, offset: int, buf) -> None:
         if self._al_fd is None or not len(buf):
             return await self._write(offset, buf)
         e0, e1 = offset >> AL_SHIFT, (offset + len(buf) - 1) >> AL_SHIFT
@@ -975,6 +997,7 @@ class PrimaryNode:
             self._flushes_owed = max(0, self._flushes_owed - 1)
             self._rf_bytes = 0
             self._last_flush = trio.current_time()
+            marked = self.writes_marked
             remote = local = None
             try:
                 await link.settle()
@@ -995,7 +1018,7 @@ class PrimaryNode:
                     await trio.to_thread.run_sync(self.image.fsync)
                 except RepdiskError as e:
                     local = e
-            if local is not None:
+            if local is not None and (remote is not None or not await self._repair_from_replica(link, local)):
                 self._flush_broken = f"flushing {self.image.path} failed: {local}"
                 self._rf_ok = False
                 log.error("%s; no NBD FLUSH and no replica-first writes from now on", self._flush_broken)
@@ -1003,8 +1026,90 @@ class PrimaryNode:
             if remote is not None:
                 self._link_failed(remote)
                 return remote
+            self._clean_flush = (link, marked)
             self.flushes += 1
             return None
+
+    async def _repair_from_replica(self, link, failure: RepdiskError) -> bool:
+        """Our fsync failed (`failure`), the secondary's flush did not.  The
+        kernel may have dropped writes, or kept pages it never wrote, marked
+        clean: our disk is in doubt since the last good fsync.  If every write
+        since was sent on this link, the secondary holds them all in its
+        received map (a write leaves it only at the GENERATIONS-th flush
+        after).  With writes held: drop our clean cached pages of those
+        ranges, compare what our disk then returns with the secondary's,
+        write back what differs, and fsync again.  True: our disk holds every
+        write, durably.  (Pages still dirty read back equal and are written
+        by that fsync, which reports any new failure.)"""
+        from ..core.recvmap import grain_ranges
+        from ..edge.replica import fetch_export, with_export
+
+        m, image = self.meta, self.image
+        log.error("flushing %s failed: %s; repairing it from the secondary", image.path, failure)
+        if not m.peer_run or self._clean_flush != (link, self.writes_marked) or link is not self.link \
+                or self.state != st.P_REPLICATING:
+            self.repair_result = (f"not possible after {failure}: writes since the last good flush are not all "
+                                  "on the secondary's received map")
+            log.error("%s", self.repair_result)
+            return False
+        held = self._writes_held = trio.Event()
+        self.repair.start(0)
+        checked = rewritten = 0
+        try:
+            while self._writes_active:
+                self._writes_quiet = trio.Event()
+                await self._writes_quiet.wait()
+            self._writes_quiet = None
+            await link.settle()
+            desc, data = await trio.to_thread.run_sync(fetch_export, with_export(self.uri, md.RECEIVED_EXPORT))
+            info = md.parse_received(desc)
+            if info is None or info["run"] != m.peer_run:
+                raise IOFailure(f"the secondary has no received map of run {m.peer_run}", None)
+            bits = bitarray(endian="little")
+            bits.frombytes(data)
+            del bits[info["bits"] :]
+            pieces = [(pos, min(REPAIR_PIECE, off + length - pos))
+                      for off, length in grain_ranges(bits, info["shift"], self.size)
+                      for pos in range(off, off + length, REPAIR_PIECE)]
+            self.repair.total = sum(n for _, n in pieces)
+
+            def compare(batch, remote) -> int:
+                n_written = 0
+                for (pos, n), theirs in zip(batch, remote):
+                    image.drop_cached(pos, n)
+                    if image.pread(pos, n) != theirs:
+                        image.pwrite(theirs, pos)
+                        n_written += n
+                return n_written
+
+            for i in range(0, len(pieces), REPAIR_BATCH):
+                batch = pieces[i : i + REPAIR_BATCH]
+                remote: list = [None] * len(batch)
+
+                async def fetch(j, pos, n):
+                    remote[j] = await link.read(pos, n)
+
+                async with trio.open_nursery() as nursery:
+                    for j, (pos, n) in enumerate(batch):
+                        nursery.start_soon(fetch, j, pos, n)
+                rewritten += await trio.to_thread.run_sync(compare, batch, remote)
+                done = sum(n for _, n in batch)
+                checked += done
+                self.repair.add(done)
+            await trio.to_thread.run_sync(image.fsync)
+        except RepdiskError as e:
+            self.repair_result = f"failed after {failure}: {e}"
+            log.error("repair from the secondary %s", self.repair_result)
+            return False
+        finally:
+            self.repair.finish()
+            self._writes_held = None
+            held.set()
+        self.repairs += 1
+        self.repair_result = (f"repaired after {failure}: {checked} bytes the secondary received compared, "
+                              f"{rewritten} rewritten, fsync succeeded")
+        log.warning("%s: %s", image.path, self.repair_result)
+        return True
 
     async def _flush_timer(self, link) -> None:
         """Flush both sides when replica-first writes have put FLUSH_BYTES
@@ -1056,8 +1161,11 @@ class PrimaryNode:
                              "durability": self.al_durability},
             "replica_first": {"active": self._rf_ok, "writes": self.writes_replica_first,
                               "flushes": self.flushes, "flush_broken": self._flush_broken,
-                              "secondary_run": self.meta.peer_run or None, "after_unclean_stop": self.received_merge},
+                              "secondary_run": self.meta.peer_run or None, "after_unclean_stop": self.received_merge,
+                              "repairs": self.repairs},
         }
+        if self.repair_result is not None or self.repair.started is not None:
+            s["replica_first"]["repair"] = {**self.repair.as_dict(), "result": self.repair_result}
         if self.verify.started is not None:
             geo = self.geometry
             s["verify"] = {**self.verify.as_dict(), "result": self.verify_result,
