@@ -852,3 +852,24 @@ def test_an_fsync_that_fails_again_after_the_repair_breaks_flushing_for_good(tmp
 
     node = make_node(tmp_path, sec, replica_first=True, flush_interval=30)
     trio.run(run_node, node, body)
+
+
+def test_the_received_map_can_be_read_while_the_primary_is_connected(tmp_path, sec):
+    """The repair reads the map while its link holds the server's one slot:
+    a second client may open the read-only side export, never the disk."""
+    import subprocess
+
+    from repdisk.edge.replica import fetch_export, with_export
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_write(3 * EXTENT, b"d" * 4096)
+        desc, data = await trio.to_thread.run_sync(fetch_export, with_export(sec.uri, md.RECEIVED_EXPORT))
+        assert md.parse_received(desc)["run"] == sec.node.run and any(data)
+        disk = await trio.to_thread.run_sync(
+            lambda: subprocess.run(["nbdinfo", sec.uri], capture_output=True, text=True))
+        assert disk.returncode != 0 and "nbd_opt_go" in disk.stderr  # the disk: refused
+        assert node.state == st.P_REPLICATING and node.link.failed is None
+
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=30, assume_synced=True)
+    trio.run(run_node, node, body)
