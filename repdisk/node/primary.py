@@ -971,7 +971,8 @@ class PrimaryNode:
     async def disk_fsync(self) -> None:
         """fsync of disk.img: the local image and, while replicating, NBD FLUSH
         on the secondary (`_flush`).  A failed flush degrades replication; a
-        failed local fsync fails the call."""
+        failed local fsync that cannot be repaired from the secondary fails
+        the call."""
         link = self.link
         if link is None or link.failed is not None or self.state not in (st.P_REPLICATING, st.P_SYNCING):
             if self._flush_broken is not None:
@@ -986,8 +987,10 @@ class PrimaryNode:
         too); NBD FLUSH and our own fsync at once (each writes a page cache
         back; on two hosts the wait is the longer, not the sum); the next
         flush starts only after both.  After a failed local fsync the page
-        cache may have dropped writes the secondary has: no NBD FLUSH is sent
-        again, so the secondary keeps their ranges in its received map.
+        cache may have dropped writes the secondary has: our disk is repaired
+        from the secondary (`_repair_from_replica`); if that cannot be done,
+        no NBD FLUSH is sent again, so the secondary keeps their ranges in its
+        received map.
         Raises a local failure; returns the secondary's (the link is then
         failed and replication degraded), None when both flushed."""
         async with self._flush_lock:
