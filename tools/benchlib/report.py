@@ -76,7 +76,7 @@ def summarize_all(res: dict) -> dict:
             ratios["xfloor"] = _ratio(s["v"], fio_summ[(wl, io, "py-floor")]["v"])
         if (key.startswith("rd-") or key == "qemu-pri") and key != "rd-sec" and (wl, io, "plain-pair") in fio_summ:
             ratios["xpair"] = _ratio(s["v"], fio_summ[(wl, io, "plain-pair")]["v"])
-        if key == "rd-sync-unix" and (wl, io, "rd-sync-unix-norf") in fio_summ:
+        if key == "rd-sync-unix" and IS_WRITE[wl] and (wl, io, "rd-sync-unix-norf") in fio_summ:
             # what replica first buys over the activity log path, same run
             ratios["xnorf"] = _ratio(s["v"], fio_summ[(wl, io, "rd-sync-unix-norf")]["v"])
         extra = {"workload": wl, "io": io, "key": key}
