@@ -321,7 +321,9 @@ def test_an_fsync_while_the_link_fails_still_fsyncs_locally_and_succeeds(tmp_pat
                     done.append(1)
 
                 nursery.start_soon(fsync)
-                await trio.sleep(0.2)
+                with trio.fail_after(10):
+                    while not node._flush_lock.locked():  # the flush has begun
+                        await trio.sleep(0.005)
                 assert not done  # waiting for the write sent before it
                 hold.unlink()  # the write fails: the link with it
             assert done and fsyncs and node.state == st.P_DEGRADED

@@ -90,3 +90,12 @@ def grain_ranges(bits: bitarray, shift: int, size: int) -> list[tuple[int, int]]
         start = a << shift
         out.append((start, min(b << shift, size) - start))
         pos = b
+
+
+def map_ranges(data: bytes, nbits: int, shift: int, size: int) -> list[tuple[int, int]]:
+    """grain_ranges of a map read back as bytes (the side export): its first
+    `nbits` bits, little-endian."""
+    bits = bitarray(endian="little")
+    bits.frombytes(data)
+    del bits[nbits:]
+    return grain_ranges(bits, shift, size)

@@ -485,6 +485,7 @@ class _Session:
         # read (the primary reads the received map while connected)
         self.side_only = side_only
         self._refusal_counted = False
+        self._side_made: tuple | None = None  # (name, side_export(name)): made once per session
         self.no_zeroes = False
         self.transmitting = False
         self.error: str | None = None
@@ -547,7 +548,7 @@ class _Session:
             else:
                 request = w.parse_info_request(data) if option in (w.OPT_INFO, w.OPT_GO) else None
                 name = request[0] if request is not None else None
-            if name is not None and self.server.side_export(name) is not None:
+            if name is not None and self._side_export(name) is not None:
                 return None
         if refusal is not None and self.side_only and not self._refusal_counted:
             self._refusal_counted = True
@@ -611,9 +612,18 @@ class _Session:
         await self.wire.send(w.export_name_reply(self.device.size, _TRANSMISSION_FLAGS, self.no_zeroes))
         return True
 
+    def _side_export(self, name: str):
+        """The server's side export `name` as (device, description), or None;
+        asked of the server once per session (the secondary's map is a
+        snapshot taken under its I/O lock)."""
+        if self._side_made is None or self._side_made[0] != name:
+            made = self.server.side_export(name) if self.server.side_export is not None else None
+            self._side_made = (name, made)
+        return self._side_made[1]
+
     def _side(self, name: str) -> bool:
         """Switch this session to side export `name` if the server has one."""
-        made = self.server.side_export(name) if self.server.side_export is not None else None
+        made = self._side_export(name)
         if made is None:
             return False
         self.device, self.description = made

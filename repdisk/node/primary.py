@@ -35,7 +35,6 @@ import os
 import time
 
 import trio
-from bitarray import bitarray
 
 from ..core import meta as md
 from ..core.bitmap import Bitmap
@@ -492,7 +491,7 @@ class PrimaryNode:
         run we last replicated to (replica first) received and did not see
         flushed: our disk may have lost it with the page cache.  If that run
         is gone, nothing says what it holds: full sync."""
-        from ..core.recvmap import grain_ranges
+        from ..core.recvmap import map_ranges
         from ..edge.replica import fetch_export, probe_description, uri_export, with_export
 
         m, dirty = self.meta, self.dirty
@@ -515,11 +514,8 @@ class PrimaryNode:
             log.error("unclean stop: %s", self.received_merge)
             dirty.set_all()
         else:
-            bits = bitarray(endian="little")
-            bits.frombytes(data)
-            del bits[info["bits"] :]
             n = 0
-            for off, length in grain_ranges(bits, info["shift"], self.size):
+            for off, length in map_ranges(data, info["bits"], info["shift"], self.size):
                 dirty.set(*self.geometry.blocks(off, length))
                 n += length
             self.received_merge = f"{n} bytes the secondary received unflushed will be resynced"
@@ -780,27 +776,24 @@ class PrimaryNode:
             await self._writes_held.wait()
         self._writes_active += 1
         try:
-            await self._disk_write(offset, buf)
+            if self._al_fd is None or not len(buf):
+                return await self._write(offset, buf)
+            e0, e1 = offset >> AL_SHIFT, (offset + len(buf) - 1) >> AL_SHIFT
+            busy = self._al_busy
+            _count(busy, e0, e1, 1)
+            try:
+                if self._rf_ok:
+                    self._log_ahead(offset, offset + len(buf))
+                    if self._rf_wanted(e0, e1):
+                        return await self._write_replica_first(offset, buf, e0, e1)
+                await self._al_enter(e0, e1)
+                await self._write(offset, buf)
+            finally:
+                _count(busy, e0, e1, -1)
         finally:
             self._writes_active -= 1
             if not self._writes_active and self._writes_quiet is not None:
                 self._writes_quiet.set()
-
-    async def _disk_write(self, offset: int, buf) -> None:
-        if self._al_fd is None or not len(buf):
-            return await self._write(offset, buf)
-        e0, e1 = offset >> AL_SHIFT, (offset + len(buf) - 1) >> AL_SHIFT
-        busy = self._al_busy
-        _count(busy, e0, e1, 1)
-        try:
-            if self._rf_ok:
-                self._log_ahead(offset, offset + len(buf))
-                if self._rf_wanted(e0, e1):
-                    return await self._write_replica_first(offset, buf, e0, e1)
-            await self._al_enter(e0, e1)
-            await self._write(offset, buf)
-        finally:
-            _count(busy, e0, e1, -1)
 
     def _log_ahead(self, start: int, end: int) -> None:
         """A write that continues an earlier one (a sequential stream) puts
@@ -1044,7 +1037,7 @@ class PrimaryNode:
         write back what differs, and fsync again.  True: our disk holds every
         write, durably.  (Pages still dirty read back equal and are written
         by that fsync, which reports any new failure.)"""
-        from ..core.recvmap import grain_ranges
+        from ..core.recvmap import map_ranges
         from ..edge.replica import fetch_export, with_export
 
         m, image = self.meta, self.image
@@ -1057,7 +1050,7 @@ class PrimaryNode:
             return False
         held = self._writes_held = trio.Event()
         self.repair.start(0)
-        checked = rewritten = 0
+        rewritten = 0
         try:
             while self._writes_active:
                 self._writes_quiet = trio.Event()
@@ -1068,11 +1061,8 @@ class PrimaryNode:
             info = md.parse_received(desc)
             if info is None or info["run"] != m.peer_run:
                 raise IOFailure(f"the secondary has no received map of run {m.peer_run}", None)
-            bits = bitarray(endian="little")
-            bits.frombytes(data)
-            del bits[info["bits"] :]
             pieces = [(pos, min(REPAIR_PIECE, off + length - pos))
-                      for off, length in grain_ranges(bits, info["shift"], self.size)
+                      for off, length in map_ranges(data, info["bits"], info["shift"], self.size)
                       for pos in range(off, off + length, REPAIR_PIECE)]
             self.repair.total = sum(n for _, n in pieces)
 
@@ -1096,9 +1086,7 @@ class PrimaryNode:
                     for j, (pos, n) in enumerate(batch):
                         nursery.start_soon(fetch, j, pos, n)
                 rewritten += await trio.to_thread.run_sync(compare, batch, remote)
-                done = sum(n for _, n in batch)
-                checked += done
-                self.repair.add(done)
+                self.repair.add(sum(n for _, n in batch))
             await trio.to_thread.run_sync(image.fsync)
         except RepdiskError as e:
             self.repair_result = f"failed after {failure}: {e}"
@@ -1109,7 +1097,7 @@ class PrimaryNode:
             self._writes_held = None
             held.set()
         self.repairs += 1
-        self.repair_result = (f"repaired after {failure}: {checked} bytes the secondary received compared, "
+        self.repair_result = (f"repaired after {failure}: {self.repair.done} bytes the secondary received compared, "
                               f"{rewritten} rewritten, fsync succeeded")
         log.warning("%s: %s", image.path, self.repair_result)
         return True
