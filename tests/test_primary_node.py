@@ -784,12 +784,18 @@ def _failing_fsync(node, failures: int):
     return calls
 
 
-def test_a_failed_local_fsync_is_repaired_from_the_secondary(tmp_path, sec):
+REPAIR_RESULT = re.compile(r"(\d+) bytes written since the last good flush compared, (\d+) compared again with "
+                           r"writes held for ([\d.]+) s, (\d+) rewritten, fsync succeeded")
+
+
+@pytest.mark.parametrize("config", [dict(replica_first=True), dict(replica_first=False), dict(mode="async")],
+                         ids=["replica-first", "replica-first-off", "async"])
+def test_a_failed_local_fsync_is_repaired_from_the_secondary(tmp_path, sec, config):
     """Our fsync fails, the secondary's flush does not: the primary compares
-    what the secondary received since the last good flush with its own disk,
-    writes back what differs (here one write the "kernel" lost), fsyncs again
-    and carries on.  The VM's fsync succeeds, replica first stays on, writes
-    that come meanwhile wait and land on both disks."""
+    what was written since the last good flush with the secondary, writes
+    back what differs (here one write the "kernel" lost), fsyncs again and
+    carries on.  The VM's fsync succeeds, replica first stays on where it
+    was on, writes that come meanwhile land on both disks."""
     lost = 2 * EXTENT + 8192
 
     async def body(node):
@@ -814,14 +820,65 @@ def test_a_failed_local_fsync_is_repaired_from_the_secondary(tmp_path, sec):
             nursery.start_soon(writer)
         assert calls == [True, False]
         rf = node.status()["replica_first"]
-        assert rf["repairs"] == 1 and rf["flush_broken"] is None and rf["active"], rf
+        assert rf["repairs"] == 1 and rf["flush_broken"] is None and rf["active"] == node.replica_first, rf
         # six writes (and the writer's first, if it came before the fsync), one
-        # 64 KiB grain each, compared; the grain of the lost one rewritten
-        compared, rewritten = map(int, re.search(r"(\d+) bytes the secondary received compared, (\d+) rewritten",
-                                                 rf["repair"]["result"]).groups())
-        assert compared in (6 << 16, 7 << 16) and rewritten == 1 << 16, rf
-        assert not rf["repair"]["running"] and rf["repair"]["done"] == compared
+        # 64 KiB grain each, compared; the lost one's grain (and the writer's,
+        # if it was being written) compared again; the lost one's rewritten
+        compared, again, held, rewritten = REPAIR_RESULT.search(rf["repair"]["result"]).groups()
+        compared, again, rewritten = int(compared), int(again), int(rewritten)
+        assert compared in (6 << 16, 7 << 16) and again in (1 << 16, 2 << 16) and rewritten == 1 << 16, rf
+        assert not rf["repair"]["running"] and rf["repair"]["done"] == compared + again
+        assert rf["repair"]["writes_held_s"] == pytest.approx(float(held), abs=0.001)
         assert node.image.pread(lost, 8192) == bytes([3]) * 8192
+        await node.disk_fsync()
+        assert node.image.pread(0, SIZE) == sec.data
+
+    node = make_node(tmp_path, sec, flush_interval=30, **config)
+    trio.run(run_node, node, body)
+
+
+def test_writes_go_on_while_the_repair_compares_and_wait_only_for_what_differed(tmp_path, sec):
+    """The repair's first pass compares 48 MiB written since the last good
+    flush while the VM's writes go on; writes wait only while the one piece
+    that differed (the lost write's) is compared again and written back."""
+    from repdisk.node.primary import REPAIR_PIECE
+
+    lost = 5 * EXTENT + 12345
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_fsync()
+        for i in range(12):
+            await node.disk_write(i * EXTENT, bytes([i + 1]) * EXTENT)
+        fd = os.open(str(tmp_path / "pri.img"), os.O_WRONLY)
+        try:
+            os.pwrite(fd, bytes(8192), lost)
+        finally:
+            os.close(fd)
+        calls = _failing_fsync(node, 1)
+        seen = []  # (repair running, its bytes done) as each of the writer's writes completed
+        stop = trio.Event()
+
+        async def writer():
+            i = 0
+            while not stop.is_set():
+                await node.disk_write(24 * EXTENT + (i % 256) * 4096, bytes([0x80 | i % 64]) * 4096)
+                seen.append((node.repair.started is not None and node.repair.finished is None, node.repair.done))
+                i += 1
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            await node.disk_fsync()
+            stop.set()
+        assert calls == [True, False]
+        rf = node.status()["replica_first"]
+        compared, again, held, rewritten = REPAIR_RESULT.search(rf["repair"]["result"]).groups()
+        compared, again, rewritten = int(compared), int(again), int(rewritten)
+        assert 12 * EXTENT <= compared <= 12 * EXTENT + (1 << 20), rf  # and the writer's grains before the fsync
+        assert rewritten == REPAIR_PIECE and REPAIR_PIECE <= again <= 2 * REPAIR_PIECE, rf
+        assert any(running and done < compared for running, done in seen), seen  # writes during the first pass
+        assert node.image.pread(lost, 8192) == bytes([6]) * 8192
         await node.disk_fsync()
         assert node.image.pread(0, SIZE) == sec.data
 

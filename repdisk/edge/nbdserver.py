@@ -3,8 +3,8 @@
 On the secondary the client is the primary's replica link, the only writer,
 so the server takes one client into the handshake/transmission phase at a
 time and refuses any other with a message saying why; such a second client
-may still open a read-only side export (the primary reads the secondary's
-received map while its link holds the slot).  The node can also
+may still open a read-only side export (the received map can be read with
+nbdinfo or nbdcopy while the primary's link holds the slot).  The node can also
 refuse new clients (`refuse`) and drop the current one (`disconnect`, at
 failover).
 

@@ -57,7 +57,7 @@ REPLY_POLL_US = 200  # sync mode: how long it may poll for the reply before slee
 SYNC_MAX_REQUESTS = 64  # requests the link keeps in flight, sync mode (the (re)sync pipelines)
 ASYNC_MAX_REQUESTS = 256  # async mode: room for full batches while the last ones are answered
 VERIFY_CHUNK = 16 << 20  # bytes compared at a time (4 pipelined NBD reads)
-REPAIR_PIECE = 4 << 20  # a repair reads the secondary's received ranges in pieces of at most this
+REPAIR_PIECE = 4 << 20  # a repair compares the ranges in doubt in pieces of at most this
 REPAIR_BATCH = 64  # pieces read at once (pipelined), then compared in one thread hop
 RECENT_ENDS = 32  # write ends remembered to tell a sequential stream (_log_ahead)
 # While replica-first writes are unflushed, both sides are flushed once the
@@ -160,9 +160,15 @@ class PrimaryNode:
         # began: while both still hold, every write since is on that link's
         # secondary, and a failed local fsync can be repaired from it.
         self._clean_flush: tuple | None = None
+        # Map grains written on the link since the latest flush began, and
+        # between the two latest flush starts: after a failed local fsync,
+        # what is in doubt (`_repair_from_replica`).
+        grains = (image.size + (1 << GRAIN_SHIFT) - 1) >> GRAIN_SHIFT
+        self._written, self._written_before = Bitmap(grains), Bitmap(grains)
         self.repair = Progress()  # the last repair from the replica
         self.repairs = 0
         self.repair_result: str | None = None
+        self.repair_held = 0.0  # seconds the last repair held writes
         self._writes_active = 0  # disk_write calls in progress
         self._writes_quiet: trio.Event | None = None  # set when they reach 0
         self._writes_held: trio.Event | None = None  # while a repair runs: set when it ends
@@ -839,7 +845,9 @@ class PrimaryNode:
         self.writes_forwarded += 1
         self.writes_replica_first += 1
         self._flushes_owed = GENERATIONS
-        self._rf_bytes += (((offset + len(buf) - 1) >> GRAIN_SHIFT) - (offset >> GRAIN_SHIFT) + 1) << GRAIN_SHIFT
+        g0, g1 = offset >> GRAIN_SHIFT, ((offset + len(buf) - 1) >> GRAIN_SHIFT) + 1
+        self._written.set(g0, g1)
+        self._rf_bytes += (g1 - g0) << GRAIN_SHIFT
         image = self.image
         mv = memoryview(buf)
         local_error: list = []
@@ -919,6 +927,7 @@ class PrimaryNode:
             self.writes_marked += 1
             return
         self.writes_forwarded += 1
+        self._written.set(offset >> GRAIN_SHIFT, ((offset + len(buf) - 1) >> GRAIN_SHIFT) + 1)
         # The request goes out first and the local write runs while the
         # secondary works: the link runs `then` when it starts the request, in
         # start order, so local writes keep the order of the wire.
@@ -994,6 +1003,8 @@ class PrimaryNode:
             self._rf_bytes = 0
             self._last_flush = trio.current_time()
             marked = self.writes_marked
+            self._written, self._written_before = self._written_before, self._written
+            self._written.clear_all()
             remote = local = None
             try:
                 await link.settle()
@@ -1029,64 +1040,59 @@ class PrimaryNode:
     async def _repair_from_replica(self, link, failure: RepdiskError) -> bool:
         """Our fsync failed (`failure`), the secondary's flush did not.  The
         kernel may have dropped writes, or kept pages it never wrote, marked
-        clean: our disk is in doubt since the last good fsync.  If every write
-        since was sent on this link, the secondary holds them all in its
-        received map (a write leaves it only at the GENERATIONS-th flush
-        after).  With writes held: drop our clean cached pages of those
-        ranges, compare what our disk then returns with the secondary's,
-        write back what differs, and fsync again.  True: our disk holds every
-        write, durably.  (Pages still dirty read back equal and are written
-        by that fsync, which reports any new failure.)"""
-        from ..core.recvmap import map_ranges
-        from ..edge.replica import fetch_export, with_export
+        clean: what was written since the last good fsync began is in doubt.
+        If every write since was sent on this link, the secondary holds them
+        all: compare our disk with it there (our clean cached pages dropped
+        first, so we read what our disk holds), write back what differs, and
+        fsync again.  True: our disk holds every write, durably.
 
-        m, image = self.meta, self.image
+        Two passes, so that the VM's writes stop only briefly.  The first runs
+        alongside them and writes nothing: a range that reads back equal holds
+        the data (a write that lands meanwhile leaves a dirty page, which the
+        final fsync writes), one that differs may be lost or merely being
+        written.  The second holds writes, settles the link and compares only
+        those ranges again, writing back what still differs.  (Dirty pages
+        read back equal and are written by the final fsync, which reports any
+        new failure.)"""
+        image = self.image
         log.error("flushing %s failed: %s; repairing it from the secondary", image.path, failure)
-        if not m.peer_run or self._clean_flush != (link, self.writes_marked) or link is not self.link \
-                or self.state != st.P_REPLICATING:
-            self.repair_result = (f"not possible after {failure}: writes since the last good flush are not all "
-                                  "on the secondary's received map")
+
+        def still_possible() -> bool:
+            return self._clean_flush == (link, self.writes_marked) and link is self.link \
+                and link.failed is None and self.state == st.P_REPLICATING
+
+        if not still_possible():
+            self.repair_result = (f"not possible after {failure}: not every write since the last good flush "
+                                  "is on this secondary")
             log.error("%s", self.repair_result)
             return False
-        held = self._writes_held = trio.Event()
-        self.repair.start(0)
-        rewritten = 0
+        doubt = self._written | self._written_before
+        self._written.clear_all()  # writes from now on stay dirty until the final fsync
+        size = self.size
+        pieces = [(pos, min(REPAIR_PIECE, end - pos))
+                  for g0, g1 in doubt.runs()
+                  for off, end in [(g0 << GRAIN_SHIFT, min(g1 << GRAIN_SHIFT, size))]
+                  for pos in range(off, end, REPAIR_PIECE)]
+        checked = sum(n for _, n in pieces)
+        self.repair.start(checked)
+        self.repair_held = 0.0
+        again = rewritten = 0
         try:
-            while self._writes_active:
-                self._writes_quiet = trio.Event()
-                await self._writes_quiet.wait()
-            self._writes_quiet = None
-            await link.settle()
-            desc, data = await trio.to_thread.run_sync(fetch_export, with_export(self.uri, md.RECEIVED_EXPORT))
-            info = md.parse_received(desc)
-            if info is None or info["run"] != m.peer_run:
-                raise IOFailure(f"the secondary has no received map of run {m.peer_run}", None)
-            pieces = [(pos, min(REPAIR_PIECE, off + length - pos))
-                      for off, length in map_ranges(data, info["bits"], info["shift"], self.size)
-                      for pos in range(off, off + length, REPAIR_PIECE)]
-            self.repair.total = sum(n for _, n in pieces)
-
-            def compare(batch, remote) -> int:
-                n_written = 0
-                for (pos, n), theirs in zip(batch, remote):
-                    image.drop_cached(pos, n)
-                    if image.pread(pos, n) != theirs:
-                        image.pwrite(theirs, pos)
-                        n_written += n
-                return n_written
-
-            for i in range(0, len(pieces), REPAIR_BATCH):
-                batch = pieces[i : i + REPAIR_BATCH]
-                remote: list = [None] * len(batch)
-
-                async def fetch(j, pos, n):
-                    remote[j] = await link.read(pos, n)
-
-                async with trio.open_nursery() as nursery:
-                    for j, (pos, n) in enumerate(batch):
-                        nursery.start_soon(fetch, j, pos, n)
-                rewritten += await trio.to_thread.run_sync(compare, batch, remote)
-                self.repair.add(sum(n for _, n in batch))
+            differ = await self._repair_pass(link, pieces, write_back=False)
+            held = await self._hold_writes()
+            t0 = trio.current_time()
+            try:
+                await link.settle()
+                if not still_possible():
+                    raise IOFailure("the link to the secondary changed during the repair", None)
+                again = sum(n for _, n in differ)
+                self.repair.total += again
+                fixed = await self._repair_pass(link, differ, write_back=True)
+                rewritten = sum(n for _, n in fixed)
+            finally:
+                self._writes_held = None
+                held.set()
+                self.repair_held = trio.current_time() - t0
             await trio.to_thread.run_sync(image.fsync)
         except RepdiskError as e:
             self.repair_result = f"failed after {failure}: {e}"
@@ -1094,13 +1100,55 @@ class PrimaryNode:
             return False
         finally:
             self.repair.finish()
-            self._writes_held = None
-            held.set()
         self.repairs += 1
-        self.repair_result = (f"repaired after {failure}: {self.repair.done} bytes the secondary received compared, "
+        self.repair_result = (f"repaired after {failure}: {checked} bytes written since the last good flush "
+                              f"compared, {again} compared again with writes held for {self.repair_held:.3f} s, "
                               f"{rewritten} rewritten, fsync succeeded")
         log.warning("%s: %s", image.path, self.repair_result)
         return True
+
+    async def _repair_pass(self, link, pieces: list, write_back: bool) -> list:
+        """Compare `pieces` [(offset, length)] of our disk (clean cached pages
+        dropped) with the secondary's, reading REPAIR_BATCH of them at once;
+        with `write_back`, write theirs over ours where they differ.  Returns
+        the pieces that differed."""
+        image = self.image
+
+        def compare(batch, remote) -> list:
+            differ = []
+            for (pos, n), theirs in zip(batch, remote):
+                image.drop_cached(pos, n)
+                if image.pread(pos, n) != theirs:
+                    if write_back:
+                        image.pwrite(theirs, pos)
+                    differ.append((pos, n))
+            return differ
+
+        differ: list = []
+        for i in range(0, len(pieces), REPAIR_BATCH):
+            batch = pieces[i : i + REPAIR_BATCH]
+            remote: list = [None] * len(batch)
+
+            async def fetch(j, pos, n):
+                remote[j] = await link.read(pos, n)
+
+            async with trio.open_nursery() as nursery:
+                for j, (pos, n) in enumerate(batch):
+                    nursery.start_soon(fetch, j, pos, n)
+            differ += await trio.to_thread.run_sync(compare, batch, remote)
+            self.repair.add(sum(n for _, n in batch))
+        return differ
+
+    async def _hold_writes(self) -> trio.Event:
+        """Make new disk writes wait and wait for those in progress; the
+        caller sets `_writes_held` to None and the returned event to let them
+        go."""
+        held = self._writes_held = trio.Event()
+        while self._writes_active:
+            self._writes_quiet = trio.Event()
+            await self._writes_quiet.wait()
+        self._writes_quiet = None
+        return held
 
     async def _flush_timer(self, link) -> None:
         """Flush both sides when replica-first writes have put FLUSH_BYTES
@@ -1156,7 +1204,8 @@ class PrimaryNode:
                               "repairs": self.repairs},
         }
         if self.repair_result is not None or self.repair.started is not None:
-            s["replica_first"]["repair"] = {**self.repair.as_dict(), "result": self.repair_result}
+            s["replica_first"]["repair"] = {**self.repair.as_dict(), "writes_held_s": round(self.repair_held, 3),
+                                            "result": self.repair_result}
         if self.verify.started is not None:
             geo = self.geometry
             s["verify"] = {**self.verify.as_dict(), "result": self.verify_result,
