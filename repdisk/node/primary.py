@@ -1079,9 +1079,10 @@ class PrimaryNode:
         again = rewritten = 0
         try:
             differ = await self._repair_pass(link, pieces, write_back=False)
-            held = await self._hold_writes()
             t0 = trio.current_time()
+            held = self._writes_held = trio.Event()  # disk_write waits for it
             try:
+                await self._writes_done()
                 await link.settle()
                 if not still_possible():
                     raise IOFailure("the link to the secondary changed during the repair", None)
@@ -1139,16 +1140,12 @@ class PrimaryNode:
             self.repair.add(sum(n for _, n in batch))
         return differ
 
-    async def _hold_writes(self) -> trio.Event:
-        """Make new disk writes wait and wait for those in progress; the
-        caller sets `_writes_held` to None and the returned event to let them
-        go."""
-        held = self._writes_held = trio.Event()
+    async def _writes_done(self) -> None:
+        """Wait until no disk_write is in progress."""
         while self._writes_active:
             self._writes_quiet = trio.Event()
             await self._writes_quiet.wait()
         self._writes_quiet = None
-        return held
 
     async def _flush_timer(self, link) -> None:
         """Flush both sides when replica-first writes have put FLUSH_BYTES
