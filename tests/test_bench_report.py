@@ -213,3 +213,25 @@ def test_a_failed_write_phase_keeps_start_up_and_idle_rss():
     qemu = [r for r in report.summarize_all(res)["rows"]
             if r["section"] == "nodes" and r.get("metric") == "write_iops" and r["target"] == "QEMU"]
     assert qemu[0]["median"] == 1000.0
+
+
+def test_the_1_tib_write_row_says_what_the_primarys_flushes_did():
+    """A failed local fsync changes what the 1 TiB write row measures: the
+    row names each run's flushes, repairs (with how long writes waited) and
+    a flush broken for good."""
+    MiB = 1 << 20
+    idle = {"primary": 60 * MiB, "secondary": 50 * MiB}
+    base = {"startup": {"primary": 0.5, "secondary": 0.4}, "rss_idle": idle, "rss_after_writes": idle}
+    res = {"nodes": {"disk_size": 1 << 40, "write": 1024 * MiB, "systems": {"repdisk": {"runs": [
+        {**base, "write_iops": 1300.0, "flushes": {"flushes": 62, "repairs": 0, "flush_broken": None}},
+        {**base, "write_iops": 1250.0, "flushes": {"flushes": 60, "repairs": 1, "flush_broken": None,
+                                                   "repair": {"writes_held_s": 0.123, "result": "repaired"}}},
+        {**base, "write_iops": 800.0, "flushes": {"flushes": 7, "repairs": 0,
+                                                  "flush_broken": "flushing pri.raw failed: ENOSPC"}},
+    ], "errors": []}}}}
+    res["meta"] = {"started": "x", "git": "g", "quick": False, "config": {"reps": 3}, "cpus": 2,
+                   "kernel": "k", "qemu": "q", "repdisk": True}
+    text = report.table(res, report.summarize_all(res))
+    line = next(ln for ln in text.splitlines() if ln.startswith("rand 4 KiB writes, 1 TiB disk"))
+    assert "[62 flushes; 60 flushes, 1 repaired (writes held 0.12 s); 7 flushes, flushing broken: " \
+           "flushing pri.raw failed: ENOSPC]" in line

@@ -453,6 +453,12 @@ def section_nodes(cfg: Config, work: str, res: dict, have_repdisk: bool):
                     row.update(rss_after_writes=after, write_iops=w["iops"])
                     log(f"  after {cfg.rss_write // MiB} MiB random writes {_fmt_d(after, 'MiB')} "
                         f"({w['iops']:.0f} IOPS)")
+                    if system == "repdisk":
+                        # what the flush protocol did meanwhile: a failed local
+                        # fsync (repaired or not) changes what this row measures
+                        rf = pair.status("primary")["replica_first"]
+                        row["flushes"] = {k: rf.get(k) for k in ("flushes", "repairs", "flush_broken", "repair")}
+                        log(f"  primary: {report.flush_note([row])}")
             except (BenchError, OSError) as e:
                 sres["errors"].append(str(e))
                 log(f"  {system}: error: {e}")

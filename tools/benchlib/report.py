@@ -28,6 +28,24 @@ def _first_error(errors: list[str]) -> str | None:
     return errors[0] if errors else None
 
 
+def flush_note(runs: list[dict]) -> str:
+    """The primary's flushes in the 1 TiB write runs, per run: how many, and
+    any failed local fsync (repaired from the secondary, or for good)."""
+    parts = []
+    for r in runs:
+        f = r.get("flushes")
+        if f is None:
+            continue
+        text = f"{f['flushes']} flushes"
+        if f.get("repairs"):
+            held = (f.get("repair") or {}).get("writes_held_s")
+            text += f", {f['repairs']} repaired" + (f" (writes held {held:.2f} s)" if held is not None else "")
+        if f.get("flush_broken"):
+            text += ", flushing broken: " + f["flush_broken"][:60]
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def summarize_all(res: dict) -> dict:
     """-> {"rows": [...], "checks": [...]}; each row: section, item, target, unit,
     median/min/max/n (or na with a reason), ratios {name: value}, lower_is_better."""
@@ -177,10 +195,14 @@ def summarize_all(res: dict) -> dict:
         summ = summarize([r["write_iops"] for r in nsys[sysname]["runs"] if "write_iops" in r])
         if sysname == "qemu":
             base = summ
+        extra = {"key": sysname, "metric": "write_iops"}
+        note = flush_note(nsys[sysname]["runs"])
+        if note:
+            extra["note"] = note
         add("nodes", "rand 4 KiB writes, 1 TiB disk, sync, 2 jobs",
             "QEMU" if sysname == "qemu" else "repdisk", "IOPS", summ, nsys[sysname]["errors"],
             {"xQEMU": _ratio(summ, base)} if sysname != "qemu" else {},
-            extra={"key": sysname, "metric": "write_iops"})
+            extra=extra)
     return {"rows": rows, "checks": checks(rows, res)}
 
 
@@ -352,6 +374,8 @@ def table(res: dict, summary: dict) -> str:
             spread = f"({_fmt(r['min'], r['unit'])}-{_fmt(r['max'], r['unit'])})"
             val = f"{_fmt(r['median'], r['unit']):>10} {spread:>21}"
             tail = "  " + "  ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items())
+        if r.get("note"):
+            tail += "  [" + r["note"] + "]"
         p50 = _fmt(r.get("p50_us")) if "p50_us" in r else ""
         p99 = _fmt(r.get("p99_us")) if "p99_us" in r else ""
         lines.append(f"{r['item'][:46]:46} {r['target'][:28]:28} {val} {r['unit']:6} "
