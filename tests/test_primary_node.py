@@ -784,6 +784,19 @@ def _failing_fsync(node, failures: int):
     return calls
 
 
+def test_a_repair_reads_at_most_64_pieces_or_32_mib_at_once():
+    from repdisk.node.primary import REPAIR_BATCH, REPAIR_BATCH_BYTES, batches
+
+    MiB = 1 << 20
+    big = [(i * 4 * MiB, 4 * MiB) for i in range(20)]
+    assert [len(b) for b in batches(big, REPAIR_BATCH, REPAIR_BATCH_BYTES)] == [8, 8, 4]
+    small = [(i << 20, 64 << 10) for i in range(100)]
+    assert [len(b) for b in batches(small, REPAIR_BATCH, REPAIR_BATCH_BYTES)] == [64, 36]
+    mixed = [(0, 30 * MiB), (30 * MiB, 4 * MiB), (40 * MiB, 64 * MiB), (200 * MiB, 4096)]
+    assert list(batches(mixed, 64, 32 * MiB)) == [[mixed[0]], [mixed[1]], [mixed[2]], [mixed[3]]]
+    assert list(batches([], 64, 32 * MiB)) == []
+
+
 REPAIR_RESULT = re.compile(r"(\d+) bytes written since the last good flush compared, (\d+) compared again with "
                            r"writes held for ([\d.]+) s, (\d+) rewritten, fsync succeeded")
 

@@ -58,7 +58,8 @@ SYNC_MAX_REQUESTS = 64  # requests the link keeps in flight, sync mode (the (re)
 ASYNC_MAX_REQUESTS = 256  # async mode: room for full batches while the last ones are answered
 VERIFY_CHUNK = 16 << 20  # bytes compared at a time (4 pipelined NBD reads)
 REPAIR_PIECE = 4 << 20  # a repair compares the ranges in doubt in pieces of at most this
-REPAIR_BATCH = 64  # pieces read at once (pipelined), then compared in one thread hop
+REPAIR_BATCH = 64  # pieces read at once (pipelined), then compared in one thread hop,
+REPAIR_BATCH_BYTES = 32 << 20  # and at most this many bytes of them (what a repair holds in memory)
 RECENT_ENDS = 32  # write ends remembered to tell a sequential stream (_log_ahead)
 # While replica-first writes are unflushed, both sides are flushed once the
 # secondary's map has taken FLUSH_BYTES of them since the last flush, or
@@ -1126,8 +1127,7 @@ class PrimaryNode:
             return differ
 
         differ: list = []
-        for i in range(0, len(pieces), REPAIR_BATCH):
-            batch = pieces[i : i + REPAIR_BATCH]
+        for batch in batches(pieces, REPAIR_BATCH, REPAIR_BATCH_BYTES):
             remote: list = [None] * len(batch)
 
             async def fetch(j, pos, n):
@@ -1369,6 +1369,21 @@ class PrimaryNode:
         # the next start which ranges our disk may have lost: not clean.
         self.meta.clean = (drained or (link is not None and link.failed is not None)) and self._flush_broken is None
         await trio.to_thread.run_sync(self._persist)
+
+
+def batches(pieces: list, count: int, nbytes: int):
+    """Consecutive runs of `pieces` [(offset, length)], each ending at `count`
+    pieces or once it holds `nbytes` (a longer piece goes alone)."""
+    batch: list = []
+    size = 0
+    for piece in pieces:
+        if batch and (len(batch) == count or size + piece[1] > nbytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(piece)
+        size += piece[1]
+    if batch:
+        yield batch
 
 
 def _count(counts: dict, e0: int, e1: int, step: int) -> None:
