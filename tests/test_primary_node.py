@@ -927,8 +927,9 @@ def test_an_fsync_that_fails_again_after_the_repair_breaks_flushing_for_good(tmp
 
 
 def test_the_received_map_can_be_read_while_the_primary_is_connected(tmp_path, sec):
-    """The repair reads the map while its link holds the server's one slot:
-    a second client may open the read-only side export, never the disk."""
+    """While the primary's link holds the server's one slot, a second client
+    (an operator's nbdinfo) may open the read-only side export, never the
+    disk."""
     import subprocess
 
     from repdisk.edge.replica import fetch_export, with_export

@@ -58,11 +58,6 @@ class Bitmap:
             yield a, b
             pos = b
 
-    def __or__(self, other: "Bitmap") -> "Bitmap":
-        bm = Bitmap(0)
-        bm.bits = self.bits | other.bits
-        return bm
-
     @classmethod
     def from_bytes(cls, data: bytes, nbits: int) -> "Bitmap":
         bm = cls(0)

@@ -482,7 +482,7 @@ class _Session:
         self.peer = peer
         self.refusal = refusal  # set when this connection was refused at accept
         # refused only because the slot is taken: a side export may still be
-        # read (the primary reads the received map while connected)
+        # read (nbdinfo or nbdcopy of the received map while the primary is connected)
         self.side_only = side_only
         self._refusal_counted = False
         self._side_made: tuple | None = None  # (name, side_export(name)): made once per session
