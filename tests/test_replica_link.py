@@ -58,6 +58,14 @@ class Server:
         self.proc.wait()
 
     def stop(self):
+        # SIGTERM first: nbdkit's eval plugin removes its /tmp/nbdkitXXXXXX
+        # directory on a clean exit and leaves it behind on SIGKILL
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
         if hasattr(self, "image_dir"):
