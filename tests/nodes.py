@@ -5,6 +5,7 @@ in teardown, whatever the test did."""
 
 import errno
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -132,9 +133,15 @@ def read_file(path: str, offset: int = 0, length: int | None = None) -> bytes:
         os.close(fd)
 
 
-def write_file(path: str, data: bytes, offset: int, fsync: bool = False) -> None:
-    fd = os.open(path, os.O_WRONLY)
+def write_file(path: str, data: bytes, offset: int, fsync: bool = False, direct: bool = False) -> None:
+    """pwrite `data` at `offset`; direct=True opens with O_DIRECT (as a
+    hypervisor's cache=none does), any offset and length."""
+    fd = os.open(path, os.O_WRONLY | (os.O_DIRECT if direct else 0))
     try:
+        if direct and data:  # from page-aligned memory, as such a writer's buffers are
+            buf = mmap.mmap(-1, len(data))
+            buf.write(data)
+            data = memoryview(buf)
         assert os.pwrite(fd, data, offset) == len(data)
         if fsync:
             os.fsync(fd)

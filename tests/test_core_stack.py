@@ -2,6 +2,8 @@
 
 import errno
 import os
+import shutil
+import subprocess
 
 import hypothesis.strategies as hs
 import pytest
@@ -10,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from repdisk.core.errors import IOFailure, OutOfRange
 from repdisk.core.geometry import Geometry
-from repdisk.core.image import WRITE_PIECE, RawImage
+from repdisk.core.image import DIRECT_MIN, WRITE_PIECE, RawImage
 from repdisk.core.stack import SecondaryStack
 
 from model import PairModel
@@ -307,4 +309,124 @@ def test_a_write_that_makes_no_progress_fails_instead_of_spinning(tmp_path, monk
     monkeypatch.undo()
     assert len(calls) == 2
     assert e.value.errno == errno.EIO and "no progress" in str(e.value)
+    img.close()
+
+
+def _resident(path: str) -> int:
+    """Bytes of `path` in the page cache, as the kernel reports them (fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", path],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def _direct_io_here(tmp_path) -> bool:
+    try:
+        fd = os.open(str(tmp_path / "probe"), os.O_RDWR | os.O_CREAT | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+needs_fincore = pytest.mark.skipif(not shutil.which("fincore"), reason="needs fincore (util-linux)")
+
+
+@needs_fincore
+@pytest.mark.parametrize("offset,length,direct", [
+    (0, DIRECT_MIN, True),                      # the smallest direct write
+    (8192, (3 << 20) + 4096, True),             # more than one bounce buffer
+    (4096, DIRECT_MIN - 4096, False),           # small: a page-cache write costs less
+    (512, 1 << 20, False),                      # offset not aligned
+    (0, (1 << 20) + 100, False),                # length not aligned
+])
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_direct_writes_go_past_the_page_cache_when_large_and_aligned(tmp_path, offset, length, direct, kind):
+    """pwrite(direct=True) is what an O_DIRECT opener of disk.img gets: large
+    aligned writes leave nothing in the page cache (the kernel's count, not
+    ours), the rest is written through it, and every byte lands."""
+    if not _direct_io_here(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    size = 8 << 20
+    img = RawImage.open(str(tmp_path / "img"), size)
+    data = os.urandom(length)
+    img.pwrite(kind(data), offset, direct=True)
+    assert img.direct_bytes == (length if direct else 0)
+    cached = _resident(img.path)
+    assert (cached == 0) if direct else (cached >= length - 4096), cached
+    assert img.pread(offset, length) == data
+    assert img.pread(0, offset) == bytes(offset)
+    assert img.pread(offset + length, size - offset - length) == bytes(size - offset - length)
+    img.pwrite(b"b" * DIRECT_MIN, 1 << 20)  # direct=False: through the page cache
+    assert img.direct_bytes == (length if direct else 0) and _resident(img.path) > cached
+    img.close()
+
+
+@pytest.mark.parametrize("fail_at", [0, 1])
+def test_a_direct_write_that_fails_is_written_through_the_page_cache(tmp_path, monkeypatch, fail_at):
+    """O_DIRECT failing (ENOSPC here) on the first bounce-buffer piece or a
+    later one: the rest goes through the page cache, whose own error would
+    be the one reported; nothing is lost and direct stays on."""
+    if not _direct_io_here(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    img = RawImage.open(str(tmp_path / "img"), 8 << 20)
+    data = os.urandom(3 << 20)
+    real_pwrite = os.pwrite
+    direct_calls = []
+
+    def pwrite(fd, buf, off):
+        if fd == img._direct_fd:
+            direct_calls.append(len(buf))
+            if len(direct_calls) > fail_at:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, buf, off)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    img.pwrite(data, 1 << 20, direct=True)
+    monkeypatch.undo()
+    assert len(direct_calls) == fail_at + 1
+    assert img.direct_bytes == fail_at << 20
+    assert img.pread(1 << 20, len(data)) == data
+    img.pwrite(data[: 1 << 20], 0, direct=True)
+    assert img.direct_bytes == (fail_at + 1) << 20  # still on
+    img.close()
+
+
+def test_a_file_system_without_o_direct_gets_page_cache_writes(tmp_path, monkeypatch):
+    """A file system that refuses O_DIRECT (at open, or EINVAL at the first
+    write): the image stops trying, and every write lands."""
+    img = RawImage.open(str(tmp_path / "img"), 4 << 20)
+    real_open, real_pwrite = os.open, os.pwrite
+    opens = []
+
+    def refusing_open(path, flags, *a):
+        if flags & os.O_DIRECT:
+            opens.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    for i in range(2):
+        img.pwrite(bytes([i + 1]) * DIRECT_MIN, i * DIRECT_MIN, direct=True)
+    monkeypatch.undo()
+    assert len(opens) == 1 and img.direct_bytes == 0
+    assert img.pread(0, 2 * DIRECT_MIN) == b"\1" * DIRECT_MIN + b"\2" * DIRECT_MIN
+    img.close()
+
+    img = RawImage.open(str(tmp_path / "img2"), 4 << 20)
+    if not _direct_io_here(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    einvals = []
+
+    def einval_pwrite(fd, buf, off):
+        if fd == img._direct_fd:
+            einvals.append(off)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, buf, off)
+
+    monkeypatch.setattr(os, "pwrite", einval_pwrite)
+    for i in range(2):
+        img.pwrite(bytes([i + 3]) * DIRECT_MIN, i * DIRECT_MIN, direct=True)
+    monkeypatch.undo()
+    assert einvals == [0] and img.direct_bytes == 0 and img._direct_fd == -1
+    assert img.pread(0, 2 * DIRECT_MIN) == b"\3" * DIRECT_MIN + b"\4" * DIRECT_MIN
     img.close()

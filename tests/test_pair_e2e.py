@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,7 +51,8 @@ def test_random_workload_matches_model(nodes, tmp_path, transport, mode, ending)
     model = PairModel(SIZE)
     epoch = 0
     for step in range(45):
-        kind = rng.choice(["aligned", "large", "unaligned", "end", "zero", "secondary", "secondary", "checkpoint"])
+        kind = rng.choice(["aligned", "large", "unaligned", "end", "zero", "direct", "secondary", "secondary",
+                           "secondary-direct", "checkpoint"])
         if kind == "checkpoint":
             checkpoint(pri, sec, model)
             epoch += 1
@@ -63,20 +65,25 @@ def test_random_workload_matches_model(nodes, tmp_path, transport, mode, ending)
         elif kind == "end":
             n = rng.randrange(1, 10000)
             off = SIZE - n
+        elif kind.endswith("direct"):  # O_DIRECT, as a hypervisor's cache=none: aligned, mostly large
+            off, n = rng.randrange(SIZE // 4096) * 4096, 4096 * rng.randrange(1, 257)
         else:
             off, n = rng.randrange(SIZE - 1), rng.randrange(1, 20000)
         n = min(n, SIZE - off)
         data = bytes(n) if kind == "zero" else rng.randbytes(n)
-        if kind == "secondary":
-            write_file(sec.disk, data, off)
+        direct = kind.endswith("direct")
+        if kind.startswith("secondary"):
+            write_file(sec.disk, data, off, direct=direct)
             model.secondary_write(off, data)
         else:
-            write_file(pri.disk, data, off)
+            write_file(pri.disk, data, off, direct=direct)
             model.primary_write(off, data)
         assert read_file(pri.disk) == bytes(model.primary), f"seed {seed} step {step}: primary disk"
         assert read_file(sec.disk) == bytes(model.view), f"seed {seed} step {step}: secondary view"
     s = pri.status()
     assert s["state"] == "replicating" and s["epoch"] == epoch and s["error"] is None
+    # the O_DIRECT writes took the image's direct path on both nodes
+    assert s["direct_write_bytes"] > 0 and sec.status()["direct_write_bytes"] > 0
     # sync mode: lone writes were answered inline (the front end found its FUSE device),
     # some of them polled for (--reply-poll-us, on by default in sync mode)
     assert (s["link"]["inline_replies"] > 0) == (mode == "sync"), s["link"]
@@ -315,3 +322,44 @@ def _replicating(control) -> bool:
             return json.load(f)["state"] == "replicating"
     except (OSError, ValueError):
         return False
+
+
+@pytest.mark.skipif(not shutil.which("fincore"), reason="needs fincore (util-linux)")
+def test_o_direct_writers_leave_the_nodes_page_caches_alone(nodes, tmp_path):
+    """disk.img opened with O_DIRECT (a hypervisor's cache=none): its large
+    aligned writes go past the primary image's page cache and, on the
+    secondary's view, past the active overlay's; the replica takes the
+    primary's writes through its page cache as always.  Buffered writers fill
+    the page cache, so the check can tell the two apart."""
+    size = 32 << 20
+    pri, sec = start_pair(nodes, tmp_path, size=size)
+
+    def resident(path):
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", path],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.split()[0])
+
+    active = sec.image + ".active"
+    model = PairModel(size)
+    rng = random.Random(11)
+    for path, off, n, write in ((pri.disk, 0, 8 << 20, model.primary_write),
+                                (sec.disk, 16 << 20, 4 << 20, model.secondary_write)):
+        data = rng.randbytes(n)
+        write_file(path, data, off, fsync=True, direct=True)
+        write(off, data)
+    assert pri.status()["direct_write_bytes"] == 8 << 20
+    assert sec.status()["direct_write_bytes"] == 4 << 20
+    assert resident(pri.image) == 0 and resident(active) == 0
+    assert resident(sec.image) >= 8 << 20  # the replicated writes: no O_DIRECT on the wire
+    assert read_file(pri.disk) == bytes(model.primary) and read_file(sec.disk) == bytes(model.view)
+
+    data = rng.randbytes(4 << 20)  # the same through the page cache
+    write_file(pri.disk, data, 8 << 20)
+    model.primary_write(8 << 20, data)
+    write_file(sec.disk, data, 24 << 20)
+    model.secondary_write(24 << 20, data)
+    assert pri.status()["direct_write_bytes"] == 8 << 20 and sec.status()["direct_write_bytes"] == 4 << 20
+    assert resident(pri.image) >= 4 << 20 and resident(active) >= 4 << 20
+    assert read_file(pri.disk) == bytes(model.primary) and read_file(sec.disk) == bytes(model.view)
+    checkpoint(pri, sec, model)
+    assert read_file(sec.disk) == read_file(pri.disk) == bytes(model.primary)

@@ -84,7 +84,8 @@ class SecondaryStack:
 
     # ---- the secondary VM's writes ---------------------------------------------
 
-    def view_write(self, buf, offset: int) -> None:
+    def view_write(self, buf, offset: int, direct: bool = False) -> None:
+        """direct: past the page cache where it can (RawImage.pwrite)."""
         geo = self.geometry
         length = len(buf)
         geo.check(offset, length)
@@ -93,7 +94,7 @@ class SecondaryStack:
         b0, b1 = geo.blocks(offset, length)
         if self.standalone or (self.committing and not self._covered(b0, b1)):
             # The view is the replica for these blocks: write it in place.
-            self.replica.pwrite(buf, offset)
+            self.replica.pwrite(buf, offset, direct)
             return
         active = self.active
         m = geo.block_size - 1
@@ -107,7 +108,7 @@ class SecondaryStack:
             for b in sorted(edges):
                 start, n = geo.byte_range(b, b + 1)
                 active.file.pwrite(self._read(start, n, (self.hidden,)), start)
-        active.file.pwrite(buf, offset)
+        active.file.pwrite(buf, offset, direct)
         active.map.set(b0, b1)
 
     # ---- the primary's writes (NBD) -------------------------------------------

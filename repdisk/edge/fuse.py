@@ -6,7 +6,7 @@ pyfuse3.main()).  The node behind it provides:
 
     size                       disk size in bytes
     async disk_read(off, n)    -> bytes
-    async disk_write(off, buf)
+    async disk_write(off, buf, direct)   direct: the opener asked for O_DIRECT
     async disk_fsync()
     status() -> dict           the control file's JSON
     async command(text)        returns once the command has taken effect
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 DISK = ROOT + 1
 CONTROL = ROOT + 2
+DISK_DIRECT = CONTROL + 1  # the file handle of disk.img opened with O_DIRECT (control's start at 100)
 NAMES = {b"disk.img": DISK, b"control": CONTROL}
 
 # st_blksize, the I/O size tools pick by (cmp, cat, cp, stdio buffers).  disk.img
@@ -140,7 +141,10 @@ class DiskFS(pyfuse3.Operations):
             # Direct I/O, as QEMU's FUSE export: no second copy of the data in
             # a page cache of disk.img (the image's is the one that counts), one
             # copy less per buffered write, and nothing stale after a checkpoint.
-            return pyfuse3.FileInfo(fh=DISK, direct_io=True)
+            # An O_DIRECT opener (a hypervisor's cache=none) gets its large
+            # writes past the image's page cache too (RawImage.pwrite).
+            fh = DISK_DIRECT if flags & os.O_DIRECT else DISK
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if inode == CONTROL:
             fh = self._next_fh
             self._next_fh += 1
@@ -153,7 +157,7 @@ class DiskFS(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh, off, size):
-        if fh == DISK:
+        if fh == DISK or fh == DISK_DIRECT:
             end = min(off + size, self.node.size)
             if off >= end:
                 return b""
@@ -163,7 +167,7 @@ class DiskFS(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh, off, buf):
-        if fh == DISK:
+        if fh == DISK or fh == DISK_DIRECT:
             # As on a block device: a write across the end writes the part
             # inside and returns a short count; one at or past the end fails.
             room = self.node.size - off
@@ -171,7 +175,7 @@ class DiskFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOSPC)
             if len(buf) > room:
                 buf = buf[:room]
-            await self.node.disk_write(off, buf)
+            await self.node.disk_write(off, buf, fh == DISK_DIRECT)
             return len(buf)
         text = bytes(buf).decode("utf-8", "replace").strip()
         await self.node.command(text)
@@ -179,7 +183,7 @@ class DiskFS(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh, datasync):
-        if fh == DISK:
+        if fh == DISK or fh == DISK_DIRECT:
             await self.node.disk_fsync()
 
     @fuse_errors

@@ -781,14 +781,16 @@ class PrimaryNode:
         self.geometry.check(offset, length)
         return self.image.pread(offset, length)
 
-    async def disk_write(self, offset: int, buf) -> None:
+    async def disk_write(self, offset: int, buf, direct: bool = False) -> None:
+        """direct: the VM opened disk.img with O_DIRECT; the local image takes
+        large writes past its page cache (RawImage.pwrite)."""
         self.geometry.check(offset, len(buf))
         while self._writes_held is not None:  # a repair from the replica is running
             await self._writes_held.wait()
         self._writes_active += 1
         try:
             if self._al_fd is None or not len(buf):
-                return await self._write(offset, buf)
+                return await self._write(offset, buf, direct)
             e0, e1 = offset >> AL_SHIFT, (offset + len(buf) - 1) >> AL_SHIFT
             busy = self._al_busy
             _count(busy, e0, e1, 1)
@@ -796,9 +798,9 @@ class PrimaryNode:
                 if self._rf_ok:
                     self._log_ahead(offset, offset + len(buf))
                     if self._rf_wanted(e0, e1):
-                        return await self._write_replica_first(offset, buf, e0, e1)
+                        return await self._write_replica_first(offset, buf, e0, e1, direct)
                 await self._al_enter(e0, e1)
-                await self._write(offset, buf)
+                await self._write(offset, buf, direct)
             finally:
                 _count(busy, e0, e1, -1)
         finally:
@@ -834,13 +836,13 @@ class PrimaryNode:
                 return True
         return False
 
-    async def _write_replica_first(self, offset: int, buf, e0: int, e1: int) -> None:
+    async def _write_replica_first(self, offset: int, buf, e0: int, e1: int, direct: bool) -> None:
         geo = self.geometry
         b0, b1 = geo.blocks(offset, len(buf))
         link = self.link
         if link is None or link.failed is not None or not self._forwardable(offset, len(buf), b0, b1):
             await self._al_enter(e0, e1)  # not sent: the local disk gets it first, logged
-            return await self._write(offset, buf)
+            return await self._write(offset, buf, direct)
         w = self._verify_window
         if w is not None and offset < w[1] and w[0] < offset + len(buf):
             self._verify_touched = True
@@ -859,7 +861,7 @@ class PrimaryNode:
 
         def after(pos: int, n: int) -> None:  # the secondary has [pos, pos+n): now our disk
             try:
-                image.pwrite(mv[pos - offset : pos - offset + n], pos)
+                image.pwrite(mv[pos - offset : pos - offset + n], pos, direct)
             except RepdiskError as e:
                 local_error.append(e)
 
@@ -874,7 +876,7 @@ class PrimaryNode:
             self.dirty.set(b0, b1)
             self._link_failed(e)
             await self._al_enter(e0, e1)
-            image.pwrite(buf, offset)
+            image.pwrite(buf, offset, direct)
             local_error.clear()
         finally:
             _count(rf, e0, e1, -1)
@@ -919,7 +921,7 @@ class PrimaryNode:
         finally:
             self._al_bg.discard(e)
 
-    async def _write(self, offset: int, buf) -> None:
+    async def _write(self, offset: int, buf, direct: bool = False) -> None:
         geo = self.geometry
         w = self._verify_window
         if w is not None and offset < w[1] and w[0] < offset + len(buf):
@@ -927,7 +929,7 @@ class PrimaryNode:
         b0, b1 = geo.blocks(offset, len(buf))
         link = self.link
         if link is None or link.failed is not None or not self._forwardable(offset, len(buf), b0, b1):
-            self.image.pwrite(buf, offset)
+            self.image.pwrite(buf, offset, direct)
             self.dirty.set(b0, b1)
             self.writes_marked += 1
             return
@@ -940,7 +942,7 @@ class PrimaryNode:
 
         def write_local():
             try:
-                self.image.pwrite(buf, offset)
+                self.image.pwrite(buf, offset, direct)
             except RepdiskError as e:
                 local.append(e)
             else:
@@ -1187,6 +1189,7 @@ class PrimaryNode:
             "sync": self.sync.as_dict(),
             "writes_forwarded": self.writes_forwarded,
             "writes_marked_dirty": self.writes_marked,
+            "direct_write_bytes": self.image.direct_bytes,
             "node_id": self.meta.node,
             "disk_id": self.meta.disk,
             "generation": f"{self.meta.gen:x}",

@@ -155,11 +155,11 @@ class SecondaryNode:
         with self.io_lock:
             return self.stack.view_read(offset, length)
 
-    async def disk_write(self, offset: int, buf) -> None:
+    async def disk_write(self, offset: int, buf, direct: bool = False) -> None:
         while self._commit_range is not None and self._overlaps_commit(offset, len(buf)):
             await self._commit_moved.wait()
         with self.io_lock:
-            self.stack.view_write(buf, offset)
+            self.stack.view_write(buf, offset, direct)
 
     def _overlaps_commit(self, offset: int, length: int) -> bool:
         a, b = self._commit_range
@@ -180,6 +180,7 @@ class SecondaryNode:
             "block_size": geo.block_size,
             "hidden_bytes": self.stack.hidden.used_bytes,
             "active_bytes": self.stack.active.used_bytes,
+            "direct_write_bytes": self.stack.active.file.direct_bytes + self.stack.replica.direct_bytes,
             "peer": self.peer,
             "listen": self.listen,
             "node_id": self.meta.node,
