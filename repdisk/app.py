@@ -47,15 +47,17 @@ def keep_heap() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_MAX) and mallopt(_M_TRIM_THRESHOLD, MALLOC_KEEP_FREE))
 
 
-async def serve_node(node, mountpoint: str, fsname: str, services=(), on_ready=None, shutdown=None) -> None:
+async def serve_node(node, mountpoint: str, fsname: str, services=(), on_ready=None, shutdown=None,
+                     direct_writes: bool = False) -> None:
     """Mount `node` at `mountpoint` and run until SIGINT/SIGTERM or an external
     unmount.  `services` are async callables `f(task_status=...)` started
     (and waited ready) before the mount; `shutdown` is an async callable run
-    before unmounting; `on_ready` a plain callable run once mounted."""
+    before unmounting; `on_ready` a plain callable run once mounted;
+    `direct_writes`: see DiskFS."""
     prepare_mountpoint(mountpoint)
     if not keep_heap():
         log.info("malloc settings not applied (no glibc mallopt): write buffers may come from fresh pages")
-    ops = DiskFS(node)
+    ops = DiskFS(node, direct_writes=direct_writes)
     async with trio.open_nursery() as nursery:
         for service in services:
             await nursery.start(service)

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--size", type=_size, help="disk size (e.g. 10G); must match an existing image")
         sp.add_argument("--state-dir", help="where overlays and metadata live (default: beside the image)")
         sp.add_argument("--block-size", type=_block_size, default=4096, help="tracking and copy-before-write grain (default 4096)")
+        sp.add_argument("--direct-writes", choices=("on", "off"), default="off", help="on: writes of 64 KiB and more, "
+                        "4 KiB aligned, from an O_DIRECT opener of disk.img (a hypervisor's cache=none) go into this "
+                        "node's image past its page cache; what they wrote is then read from disk (default off: every "
+                        "write goes through the page cache)")
 
     s = sub.add_parser("secondary", help="run a secondary node: NBD server for the primary + FUSE view")
     common(s)
@@ -107,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--root", default=".", help="folder holding state/ and mount/ (default: current)")
     pa.add_argument("--size", default="1G", help="disk size of new images (default 1G)")
     pa.add_argument("--mode", choices=("sync", "async"), default="sync")
+    pa.add_argument("--direct-writes", choices=("on", "off"), default="off", help="as for each node (default off)")
 
     st = sub.add_parser("status", help="print a node's status (the control file) and exit")
     st.add_argument("mount", help="the node's mount point")

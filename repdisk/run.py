@@ -62,7 +62,8 @@ def run_secondary(args) -> int:
     try:
         trio.run(functools.partial(
             serve_node, node, args.mount, "repdisk-secondary",
-            services=[nbd_service], on_ready=ready, shutdown=shutdown))
+            services=[nbd_service], on_ready=ready, shutdown=shutdown,
+            direct_writes=args.direct_writes == "on"))
     finally:
         stack.close()
         os.close(lock)
@@ -107,7 +108,8 @@ def run_primary(args) -> int:
 
         await serve_node(node, args.mount, "repdisk-primary",
                          services=[functools.partial(node.supervise, first)],
-                         on_ready=ready, shutdown=node.shutdown)
+                         on_ready=ready, shutdown=node.shutdown,
+                         direct_writes=args.direct_writes == "on")
 
     try:
         trio.run(main)

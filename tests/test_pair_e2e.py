@@ -20,17 +20,18 @@ pytestmark = needs_fuse
 SIZE = 8 << 20 | 1234  # not a multiple of the block size: the last block is short
 
 
-def start_pair(nodes, tmp_path, transport="unix", mode="sync", size=SIZE, extra=()):
+def start_pair(nodes, tmp_path, transport="unix", mode="sync", size=SIZE, extra=(), both=()):
+    """extra: primary options; both: options for both nodes."""
     if transport == "unix":
         listen = f"unix:{tmp_path}/sec.sock"
     else:
         listen = "127.0.0.1:0"
     sec = nodes("secondary", "--disk", str(tmp_path / "sec.img"), "--size", str(size), "--listen", listen,
-                name="secondary")
+                *both, name="secondary")
     addr = sec.status()["listen"]
     uri = f"nbd+unix:///?socket={addr[5:]}" if addr.startswith("unix:") else f"nbd://{addr}"
     pri = nodes("primary", "--disk", str(tmp_path / "pri.img"), "--size", str(size), "--secondary", uri,
-                "--mode", mode, *extra, name="primary")
+                "--mode", mode, *extra, *both, name="primary")
     pri.wait_state("replicating")
     sec.image, pri.image = str(tmp_path / "sec.img"), str(tmp_path / "pri.img")
     return pri, sec
@@ -47,7 +48,7 @@ def checkpoint(pri, sec, model):
 def test_random_workload_matches_model(nodes, tmp_path, transport, mode, ending):
     seed = hash((transport, mode, ending)) & 0xFFFF
     rng = random.Random(seed)
-    pri, sec = start_pair(nodes, tmp_path, transport, mode)
+    pri, sec = start_pair(nodes, tmp_path, transport, mode, both=("--direct-writes", "on"))
     model = PairModel(SIZE)
     epoch = 0
     for step in range(45):
@@ -325,14 +326,18 @@ def _replicating(control) -> bool:
 
 
 @pytest.mark.skipif(not shutil.which("fincore"), reason="needs fincore (util-linux)")
-def test_o_direct_writers_leave_the_nodes_page_caches_alone(nodes, tmp_path):
-    """disk.img opened with O_DIRECT (a hypervisor's cache=none): its large
-    aligned writes go past the primary image's page cache and, on the
-    secondary's view, past the active overlay's; the replica takes the
-    primary's writes through its page cache as always.  Buffered writers fill
-    the page cache, so the check can tell the two apart."""
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_o_direct_writers_leave_the_nodes_page_caches_alone(nodes, tmp_path, setting):
+    """With --direct-writes on, disk.img opened with O_DIRECT (a hypervisor's
+    cache=none): its large aligned writes go past the primary image's page
+    cache and, on the secondary's view, past the active overlay's; the
+    replica takes the primary's writes through its page cache as always.
+    Buffered writers fill the page cache, so the check can tell the two
+    apart; with the option off (the default) O_DIRECT writers do too."""
     size = 32 << 20
-    pri, sec = start_pair(nodes, tmp_path, size=size)
+    pri, sec = start_pair(nodes, tmp_path, size=size, both=("--direct-writes", setting))
+    on = setting == "on"
+    assert pri.status()["direct_writes"] is on and sec.status()["direct_writes"] is on
 
     def resident(path):
         out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", path],
@@ -347,8 +352,12 @@ def test_o_direct_writers_leave_the_nodes_page_caches_alone(nodes, tmp_path):
         data = rng.randbytes(n)
         write_file(path, data, off, fsync=True, direct=True)
         write(off, data)
-    assert pri.status()["direct_write_bytes"] == 8 << 20
-    assert sec.status()["direct_write_bytes"] == 4 << 20
+    assert pri.status()["direct_write_bytes"] == (8 << 20 if on else 0)
+    assert sec.status()["direct_write_bytes"] == (4 << 20 if on else 0)
+    if not on:
+        assert resident(pri.image) >= 8 << 20 and resident(active) >= 4 << 20
+        assert read_file(pri.disk) == bytes(model.primary) and read_file(sec.disk) == bytes(model.view)
+        return
     assert resident(pri.image) == 0 and resident(active) == 0
     assert resident(sec.image) >= 8 << 20  # the replicated writes: no O_DIRECT on the wire
     assert read_file(pri.disk) == bytes(model.primary) and read_file(sec.disk) == bytes(model.view)

@@ -111,6 +111,8 @@ TARGET_LABEL = {
     "rd-sync-tcp": "repdisk sync tcp", "rd-async-tcp": "repdisk async tcp",
     "rd-sync-unix-norf": "repdisk sync unix, rf off",
     "rd-sec": "repdisk secondary view",
+    # --direct-writes on (not in the default lists: a comparison, like -norf)
+    "rd-sync-unix-dw": "repdisk sync unix, dw on", "rd-sec-dw": "repdisk view, dw on",
 }
 
 
@@ -238,13 +240,14 @@ def _start_fio_target(key, d, size):
             t = PassthroughTarget(d, size)
         elif key.startswith("qemu"):
             t = QemuPair(d, size)
-        elif key == "rd-sec":
-            t = RepdiskPair(d, size, mode="sync", transport="unix")
+        elif key in ("rd-sec", "rd-sec-dw"):
+            dw = ["--direct-writes", "on"] if key.endswith("-dw") else []
+            t = RepdiskPair(d, size, mode="sync", transport="unix", extra_primary=dw, extra_secondary=dw)
         else:
-            # rd-<mode>-<transport>[-norf]; -norf: the activity log path, measured next
-            # to replica first in the same run
+            # rd-<mode>-<transport>[-norf|-dw]; -norf: the activity log path, measured
+            # next to replica first in the same run; -dw: --direct-writes on
             _, mode, transport, *rest = key.split("-")
-            extra = ["--replica-first", "off"] if rest == ["norf"] else []
+            extra = {"norf": ["--replica-first", "off"], "dw": ["--direct-writes", "on"]}.get("".join(rest), [])
             t = RepdiskPair(d, size, mode=mode, transport=transport, extra_primary=extra)
         holder.append(t)
         _LIVE.append(t)
@@ -252,7 +255,7 @@ def _start_fio_target(key, d, size):
         _LIVE.remove(t)
         if key == "py-floor":
             return t, t.path
-        return t, (t.sec_view if key.endswith("sec") else t.pri_view)
+        return t, (t.sec_view if key.startswith("rd-sec") or key == "qemu-sec" else t.pri_view)
     except BaseException:
         for t in holder:
             if t in _LIVE:

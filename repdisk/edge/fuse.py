@@ -62,9 +62,12 @@ def fuse_errors(fn):
 
 
 class DiskFS(pyfuse3.Operations):
-    def __init__(self, node):
+    def __init__(self, node, direct_writes: bool = False):
+        """direct_writes: an O_DIRECT opener's writes go past the image's page
+        cache (--direct-writes, RawImage.pwrite)."""
         super().__init__()
         self.node = node
+        self.direct_writes = direct_writes
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mtime_ns = time.time_ns()
         self._snapshots: dict[int, bytes] = {}  # control fh -> the status it shows
@@ -141,9 +144,10 @@ class DiskFS(pyfuse3.Operations):
             # Direct I/O, as QEMU's FUSE export: no second copy of the data in
             # a page cache of disk.img (the image's is the one that counts), one
             # copy less per buffered write, and nothing stale after a checkpoint.
-            # An O_DIRECT opener (a hypervisor's cache=none) gets its large
-            # writes past the image's page cache too (RawImage.pwrite).
-            fh = DISK_DIRECT if flags & os.O_DIRECT else DISK
+            # With --direct-writes on, an O_DIRECT opener (a hypervisor's
+            # cache=none) gets its large writes past the image's page cache
+            # too (RawImage.pwrite).
+            fh = DISK_DIRECT if self.direct_writes and flags & os.O_DIRECT else DISK
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if inode == CONTROL:
             fh = self._next_fh
@@ -151,6 +155,7 @@ class DiskFS(pyfuse3.Operations):
             if flags & os.O_ACCMODE != os.O_WRONLY:
                 status = self.node.status()
                 status["fuse"] = fuseloop.statistics()
+                status["direct_writes"] = self.direct_writes
                 self._snapshots[fh] = (json.dumps(status, indent=2) + "\n").encode()
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT else errno.ENOENT)

@@ -6,12 +6,12 @@ from .profile import busy_symbols
 from .util import MiB, summarize
 
 FIO_ORDER = ["plain", "plain-pair", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix", "rd-sync-tcp",
-             "rd-async-tcp", "rd-sync-unix-norf", "rd-sec"]
+             "rd-async-tcp", "rd-sync-unix-norf", "rd-sync-unix-dw", "rd-sec", "rd-sec-dw"]
 CKPT_LABEL = {"qemu": "QEMU", "rd-sync": "repdisk sync", "rd-async": "repdisk async"}
 
 
 def _qemu_peer(key: str) -> str | None:
-    if key == "rd-sec":
+    if key.startswith("rd-sec"):
         return "qemu-sec"
     if key.startswith("rd-") or key in ("py-floor", "plain-pair"):
         return "qemu-pri"
@@ -92,11 +92,15 @@ def summarize_all(res: dict) -> dict:
             ratios["xplain"] = _ratio(s["v"], fio_summ[(wl, io, "plain")]["v"])
         if key.startswith("rd-") and (wl, io, "py-floor") in fio_summ:
             ratios["xfloor"] = _ratio(s["v"], fio_summ[(wl, io, "py-floor")]["v"])
-        if (key.startswith("rd-") or key == "qemu-pri") and key != "rd-sec" and (wl, io, "plain-pair") in fio_summ:
+        if (key.startswith("rd-") or key == "qemu-pri") and not key.startswith("rd-sec") and (wl, io, "plain-pair") in fio_summ:
             ratios["xpair"] = _ratio(s["v"], fio_summ[(wl, io, "plain-pair")]["v"])
         if key == "rd-sync-unix" and IS_WRITE[wl] and (wl, io, "rd-sync-unix-norf") in fio_summ:
             # what replica first buys over the activity log path, same run
             ratios["xnorf"] = _ratio(s["v"], fio_summ[(wl, io, "rd-sync-unix-norf")]["v"])
+        dw_of = {"rd-sync-unix-dw": "rd-sync-unix", "rd-sec-dw": "rd-sec"}.get(key)
+        if dw_of and (wl, io, dw_of) in fio_summ:
+            # what --direct-writes on does against the default, same run
+            ratios["xdwoff"] = _ratio(s["v"], fio_summ[(wl, io, dw_of)]["v"])
         extra = {"workload": wl, "io": io, "key": key}
         if s["p50"]:
             extra["p50_us"] = s["p50"]["median"]
@@ -245,8 +249,8 @@ def checks(rows: list[dict], res: dict) -> list[dict]:
         x = r["ratios"].get("xQEMU")
         key, wl = r["key"], r["workload"]
         what = f"{r['target']}: {r['item']}"
-        if "na" in r or x is None or key.endswith("-norf"):
-            continue  # -norf is a comparison (the log path), not a configuration with a target
+        if "na" in r or x is None or key.endswith(("-norf", "-dw")):
+            continue  # comparisons (the log path, --direct-writes on), not the configuration with targets
         d = disk.get((wl, r["io"]))
         note = f"two plain files: {d:.2f}x QEMU" if d is not None and key != "rd-sec" else ""
         if key == "rd-sec":
@@ -347,7 +351,8 @@ def table(res: dict, summary: dict) -> str:
              "figures: median (min-max) of the repetitions; xQEMU/xplain/xfloor/xpair = repdisk / baseline "
              "(floor: a minimal pyfuse3 passthrough of a raw file; pair: two plain files written at once, "
              "per file, what a pair's two images take of this disk; xnorf: sync unix with replica first "
-             "/ the same with --replica-first off; for ms, MiB and x rows lower "
+             "/ the same with --replica-first off; xdwoff: with --direct-writes on / the default (off); "
+             "for ms, MiB and x rows lower "
              "is better)"]
     ft = meta.get("first_touch")
     if ft:

@@ -277,12 +277,13 @@ class RepdiskPair:
     def __init__(self, dirpath: str, size: int, mode: str = "sync", transport: str = "unix",
                  image: str | None = None, sec_image: str | None = None,
                  assume_synced: bool = True, extra_primary: list[str] | None = None,
-                 disks: tuple[str, str] | None = None):
+                 disks: tuple[str, str] | None = None, extra_secondary: list[str] | None = None):
         self.dir, self.size, self.mode, self.transport = dirpath, size, mode, transport
         os.makedirs(dirpath, exist_ok=True)
         self.image, self.sec_image = image, (sec_image if sec_image is not None else image)
         self.assume_synced = assume_synced
         self.extra_primary = extra_primary or []
+        self.extra_secondary = extra_secondary or []
         self.in_place = disks is not None
         self.pri_disk, self.sec_disk = disks or (os.path.join(dirpath, "pri.raw"),
                                                  os.path.join(dirpath, "sec.raw"))
@@ -355,7 +356,7 @@ class RepdiskPair:
             self.listen, self.uri = f"127.0.0.1:{port}", f"nbd://127.0.0.1:{port}"
         argv = self._argv("secondary") + [
             "--disk", self.sec_disk, "--listen", self.listen, "--mount", self.sec_mnt,
-            "--size", str(self.size), "--state-dir", os.path.join(self.dir, "sec-state")]
+            "--size", str(self.size), "--state-dir", os.path.join(self.dir, "sec-state")] + self.extra_secondary
         p = Proc("repdisk-secondary", argv, self.dir)
         self.procs["secondary"] = p
         wait_for(lambda: self._try_status("secondary"), 60, "the secondary's control file")
