@@ -899,6 +899,44 @@ def test_writes_go_on_while_the_repair_compares_and_wait_only_for_what_differed(
     trio.run(run_node, node, body)
 
 
+def test_a_repair_reads_the_next_batch_while_it_compares_and_reads_each_batch_at_once(tmp_path, sec):
+    """The first pass over 48 MiB (two batches of at most 32 MiB): when it
+    starts reading the first batch's pieces from our disk, it has asked the
+    secondary for the second batch too; and it asks the kernel for all of a
+    batch's local pieces (readahead) before it reads the first of them."""
+    from repdisk.node.primary import REPAIR_BATCH_BYTES, REPAIR_PIECE
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_fsync()
+        for i in range(12):
+            await node.disk_write(i * EXTENT, bytes([i + 1]) * EXTENT)
+        _failing_fsync(node, 1)
+        image, events = node.image, []
+        real_pread, real_soon = image.pread, image.read_soon
+
+        def pread(offset, length):  # runs in the repair's worker thread
+            events.append(("pread", offset, node.link.statistics()["read"]["submitted"]))
+            return real_pread(offset, length)
+
+        def read_soon(offset, length):
+            events.append(("soon", offset, None))
+            real_soon(offset, length)
+
+        image.pread, image.read_soon = pread, read_soon
+        await node.disk_fsync()
+        image.pread, image.read_soon = real_pread, real_soon
+        assert node.status()["replica_first"]["repairs"] == 1
+        per_batch = REPAIR_BATCH_BYTES // REPAIR_PIECE
+        first = [e for e in events if e[0] == "pread"][0]
+        assert first[2] > per_batch, events[:20]  # the second batch was asked for already
+        kinds = [k for k, _, _ in events]
+        assert kinds[:per_batch] == ["soon"] * per_batch and kinds[per_batch] == "pread", kinds
+
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=30)
+    trio.run(run_node, node, body)
+
+
 def test_an_fsync_that_fails_again_after_the_repair_breaks_flushing_for_good(tmp_path, sec):
     """When the fsync after the repair fails too, our disk stays in doubt:
     every later fsync of disk.img fails, no NBD FLUSH is sent (the secondary

@@ -252,6 +252,15 @@ class RawImage:
         except OSError as e:
             raise IOFailure(f"dropping cached pages of {self.path} at {offset}", e) from None
 
+    def read_soon(self, offset: int, length: int) -> None:
+        """Start reading [offset, offset+length) into the page cache without
+        waiting (POSIX_FADV_WILLNEED): many such calls put many reads in the
+        disk's queue at once.  Only a hint: errors are ignored."""
+        try:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
     def copy_to(self, dst: "RawImage", offset: int, length: int) -> None:
         """Copy [offset, offset+length) into `dst` at the same offset (copy_file_range)."""
         end = offset + length

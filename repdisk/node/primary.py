@@ -60,7 +60,7 @@ ASYNC_MAX_REQUESTS = 256  # async mode: room for full batches while the last one
 VERIFY_CHUNK = 16 << 20  # bytes compared at a time (4 pipelined NBD reads)
 REPAIR_PIECE = 4 << 20  # a repair compares the ranges in doubt in pieces of at most this
 REPAIR_BATCH = 64  # pieces read at once (pipelined), then compared in one thread hop,
-REPAIR_BATCH_BYTES = 32 << 20  # and at most this many bytes of them (what a repair holds in memory)
+REPAIR_BATCH_BYTES = 32 << 20  # and at most this many bytes of them (a repair holds two batches)
 RECENT_ENDS = 32  # write ends remembered to tell a sequential stream (_log_ahead)
 # While replica-first writes are unflushed, both sides are flushed once the
 # secondary's map has taken FLUSH_BYTES of them since the last flush, or
@@ -1116,31 +1116,48 @@ class PrimaryNode:
         """Compare `pieces` [(offset, length)] of our disk (clean cached pages
         dropped) with the secondary's, reading REPAIR_BATCH of them at once;
         with `write_back`, write theirs over ours where they differ.  Returns
-        the pieces that differed."""
+        the pieces that differed.  The secondary's next batch is read while
+        this one is compared, and each batch's local pieces are read from the
+        disk all at once (readahead), not one after the other: ranges written
+        at random are scattered, and a disk answers many reads at once about
+        as fast as one."""
         image = self.image
 
         def compare(batch, remote) -> list:
+            for pos, n in batch:
+                image.drop_cached(pos, n)
+            for pos, n in batch:
+                image.read_soon(pos, n)
             differ = []
             for (pos, n), theirs in zip(batch, remote):
-                image.drop_cached(pos, n)
                 if image.pread(pos, n) != theirs:
                     if write_back:
                         image.pwrite(theirs, pos)
                     differ.append((pos, n))
             return differ
 
-        differ: list = []
-        for batch in batches(pieces, REPAIR_BATCH, REPAIR_BATCH_BYTES):
-            remote: list = [None] * len(batch)
-
-            async def fetch(j, pos, n):
+        async def fetch(batch, remote: list) -> None:
+            async def one(j, pos, n):
                 remote[j] = await link.read(pos, n)
 
             async with trio.open_nursery() as nursery:
                 for j, (pos, n) in enumerate(batch):
-                    nursery.start_soon(fetch, j, pos, n)
-            differ += await trio.to_thread.run_sync(compare, batch, remote)
+                    nursery.start_soon(one, j, pos, n)
+
+        differ: list = []
+        todo = list(batches(pieces, REPAIR_BATCH, REPAIR_BATCH_BYTES))
+        if not todo:
+            return differ
+        remote: list = [None] * len(todo[0])
+        await fetch(todo[0], remote)
+        for k, batch in enumerate(todo):
+            following = [None] * len(todo[k + 1]) if k + 1 < len(todo) else None
+            async with trio.open_nursery() as nursery:
+                if following is not None:
+                    nursery.start_soon(fetch, todo[k + 1], following)
+                differ += await trio.to_thread.run_sync(compare, batch, remote)
             self.repair.add(sum(n for _, n in batch))
+            remote = following
         return differ
 
     async def _writes_done(self) -> None:
