@@ -837,9 +837,13 @@ class ReplicaLink:
     def _idle(self) -> bool:
         return not self._nreq and not self._admit_q
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int, *, task_status=trio.TASK_STATUS_IGNORED) -> bytes:
+        """NBD READ.  Started with nursery.start(), it reports started once
+        every request of the read is submitted (waiting for admission if the
+        link is full), so the caller knows the reply is on its way."""
         self._check(_READ, offset, length)
         if length == 0:
+            task_status.started()
             return b""
         ba = bytearray(length)
         mv = memoryview(ba)
@@ -850,6 +854,7 @@ class ReplicaLink:
             req = _Req(self, _READ, ctr, offset + pos, n, mv[pos : pos + n], n)
             await self._issue(req, None)
             reqs.append(req)
+        task_status.started()
         for req in reqs:
             await self._wait_req(req)
         return bytes(ba)

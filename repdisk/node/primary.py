@@ -1136,13 +1136,16 @@ class PrimaryNode:
                     differ.append((pos, n))
             return differ
 
-        async def fetch(batch, remote: list) -> None:
-            async def one(j, pos, n):
-                remote[j] = await link.read(pos, n)
+        async def fetch(batch, remote: list, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            """Read `batch` from the secondary into `remote`; started once
+            every read of it is submitted."""
+            async def one(j, pos, n, task_status):
+                remote[j] = await link.read(pos, n, task_status=task_status)
 
             async with trio.open_nursery() as nursery:
                 for j, (pos, n) in enumerate(batch):
-                    nursery.start_soon(one, j, pos, n)
+                    await nursery.start(one, j, pos, n)
+                task_status.started()
 
         differ: list = []
         todo = list(batches(pieces, REPAIR_BATCH, REPAIR_BATCH_BYTES))
@@ -1153,8 +1156,8 @@ class PrimaryNode:
         for k, batch in enumerate(todo):
             following = [None] * len(todo[k + 1]) if k + 1 < len(todo) else None
             async with trio.open_nursery() as nursery:
-                if following is not None:
-                    nursery.start_soon(fetch, todo[k + 1], following)
+                if following is not None:  # submitted before the compare starts
+                    await nursery.start(fetch, todo[k + 1], following)
                 differ += await trio.to_thread.run_sync(compare, batch, remote)
             self.repair.add(sum(n for _, n in batch))
             remote = following
