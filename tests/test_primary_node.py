@@ -937,6 +937,58 @@ def test_a_repair_reads_the_next_batch_while_it_compares_and_reads_each_batch_at
     trio.run(run_node, node, body)
 
 
+def test_a_failed_fsync_while_degraded_fails_every_later_fsync(tmp_path, sec):
+    """Degraded, no secondary holds what was written since the last good
+    flush: a failed local fsync cannot be repaired.  The kernel reports a
+    write-back error once; the primary must not let the next fsync succeed
+    over what may be lost.  Writes go on; the status says why."""
+    from repdisk.core.errors import IOFailure
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await trio.to_thread.run_sync(sec.stop)
+        await wait_state(node, st.P_DEGRADED)
+        await node.disk_write(5 * EXTENT, b"y" * 4096)
+        calls = _failing_fsync(node, 1)
+        with pytest.raises(IOFailure, match="No space left"):
+            await node.disk_fsync()
+        with pytest.raises(IOFailure, match="cannot flush: .* failed while degraded"):
+            await node.disk_fsync()
+        assert calls == [True]  # the second call did not reach the kernel
+        rf = node.status()["replica_first"]
+        assert "no secondary holds them" in rf["flush_broken"] and not rf["active"], rf
+        await node.disk_write(6 * EXTENT, b"z" * 4096)  # the VM's writes still work
+        assert node.image.pread(6 * EXTENT, 4096) == b"z" * 4096
+
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=30)
+    trio.run(run_node, node, body)
+
+
+def test_a_failed_fsync_during_the_first_sync_is_not_repaired_and_says_why(tmp_path, sec):
+    """During the initial sync no flush on the link has succeeded yet, so
+    the secondary does not hold every write in doubt: no repair, flushing
+    breaks, and the repair's result says why."""
+    from repdisk.core.errors import IOFailure
+
+    (tmp_path / "pri.img").write_bytes(b"\x01" * SIZE)  # data, so the sync takes ~2 s
+
+    async def body(node):
+        await wait_state(node, st.P_SYNCING)
+        await node.disk_write(5 * EXTENT, b"y" * 4096)
+        calls = _failing_fsync(node, 1)
+        with pytest.raises(IOFailure, match="No space left"):
+            await node.disk_fsync()
+        assert calls == [True]
+        rf = node.status()["replica_first"]
+        assert rf["repairs"] == 0 and "No space left" in rf["flush_broken"], rf
+        result = rf["repair"]["result"]
+        assert result.startswith("not possible after") and result.endswith(
+            "is on this secondary: no flush on this link has succeeded yet"), result
+
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=30, resync_rate=64 << 20)
+    trio.run(run_node, node, body)
+
+
 def test_an_fsync_that_fails_again_after_the_repair_breaks_flushing_for_good(tmp_path, sec):
     """When the fsync after the repair fails too, our disk stays in doubt:
     every later fsync of disk.img fails, no NBD FLUSH is sent (the secondary

@@ -986,7 +986,17 @@ class PrimaryNode:
         if link is None or link.failed is not None or self.state not in (st.P_REPLICATING, st.P_SYNCING):
             if self._flush_broken is not None:
                 raise IOFailure(f"cannot flush: {self._flush_broken}", None)
-            await trio.to_thread.run_sync(self.image.fsync)
+            try:
+                await trio.to_thread.run_sync(self.image.fsync)
+            except RepdiskError as e:
+                # No secondary holds the writes in doubt, so nothing can repair
+                # them, and the kernel reports a write-back error only once:
+                # every later fsync must fail too, not succeed over lost data.
+                self._flush_broken = (f"flushing {self.image.path} failed while {self.state}: {e}; writes since "
+                                      "the last good flush may be lost and no secondary holds them")
+                self._rf_ok = False
+                log.error("%s", self._flush_broken)
+                raise
             return
         await self._flush(link)  # the secondary's failure degrades replication, not the VM
 
@@ -1064,13 +1074,26 @@ class PrimaryNode:
         image = self.image
         log.error("flushing %s failed: %s; repairing it from the secondary", image.path, failure)
 
-        def still_possible() -> bool:
-            return self._clean_flush == (link, self.writes_marked) and link is self.link \
-                and link.failed is None and self.state == st.P_REPLICATING
+        def why_not() -> str | None:
+            """None while every write since the last good flush is on `link`'s secondary."""
+            clean = self._clean_flush
+            if clean is None or clean[0] is not link:
+                return "no flush on this link has succeeded yet"
+            if link is not self.link or link.failed is not None:
+                return f"the link to the secondary failed ({link.failed})"
+            if self.state != st.P_REPLICATING:
+                return f"the primary is {self.state}, not replicating"
+            if clean[1] != self.writes_marked:
+                return (f"{self.writes_marked - clean[1]} writes since the last good flush were only marked "
+                        "for a resync, not sent")
+            return None
 
-        if not still_possible():
+        def still_possible() -> bool:
+            return why_not() is None
+
+        if (reason := why_not()) is not None:
             self.repair_result = (f"not possible after {failure}: not every write since the last good flush "
-                                  "is on this secondary")
+                                  f"is on this secondary: {reason}")
             log.error("%s", self.repair_result)
             return False
         doubt = grain_ranges(self._written | self._written_before, GRAIN_SHIFT, self.size)
