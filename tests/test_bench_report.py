@@ -228,10 +228,16 @@ def test_the_1_tib_write_row_says_what_the_primarys_flushes_did():
                                                    "repair": {"writes_held_s": 0.123, "result": "repaired"}}},
         {**base, "write_iops": 800.0, "flushes": {"flushes": 7, "repairs": 0,
                                                   "flush_broken": "flushing pri.raw failed: ENOSPC"}},
+        {**base, "write_iops": 790.0, "flushes": {
+            "flushes": 9, "repairs": 0, "flush_broken": "flushing pri.raw failed: fsync pri.raw: ENOSPC",
+            "repair": {"result": "not possible after fsync pri.raw: ENOSPC: not every write since the last good "
+                                 "flush is on this secondary: the primary is degraded, not replicating"},
+            "state": "degraded", "writes_marked_dirty": 12}},
     ], "errors": []}}}}
     res["meta"] = {"started": "x", "git": "g", "quick": False, "config": {"reps": 3}, "cpus": 2,
                    "kernel": "k", "qemu": "q", "repdisk": True}
     text = report.table(res, report.summarize_all(res))
     line = next(ln for ln in text.splitlines() if ln.startswith("rand 4 KiB writes, 1 TiB disk"))
-    assert "[62 flushes; 60 flushes, 1 repaired (writes held 0.12 s); 7 flushes, flushing broken: " \
-           "flushing pri.raw failed: ENOSPC]" in line
+    assert "[62 flushes; 60 flushes, 1 repaired (writes held 0.12 s); 7 flushes, flushing broken: ENOSPC; " \
+           "9 flushes, flushing broken (no repair: the primary is degraded, not replicating), " \
+           "12 writes only marked for a resync, ended degraded]" in line

@@ -459,9 +459,17 @@ def section_nodes(cfg: Config, work: str, res: dict, have_repdisk: bool):
                     if system == "repdisk":
                         # what the flush protocol did meanwhile: a failed local
                         # fsync (repaired or not) changes what this row measures
-                        rf = pair.status("primary")["replica_first"]
+                        ps = pair.status("primary")
+                        rf = ps["replica_first"]
                         row["flushes"] = {k: rf.get(k) for k in ("flushes", "repairs", "flush_broken", "repair")}
+                        # and whether the link held: a write only marked for a
+                        # resync makes a repair impossible until the next flush
+                        row["flushes"].update(state=ps["state"], writes_marked_dirty=ps["writes_marked_dirty"],
+                                              reconnect=ps.get("reconnect"))
                         log(f"  primary: {report.flush_note([row])}")
+                        if rf.get("flush_broken"):  # what led there, before the work dir goes
+                            row["flushes"]["primary_log"] = pair.procs["primary"].tail(30)
+                            log(f"  primary log: {row['flushes']['primary_log']}")
             except (BenchError, OSError) as e:
                 sres["errors"].append(str(e))
                 log(f"  {system}: error: {e}")

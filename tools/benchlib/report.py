@@ -41,7 +41,15 @@ def flush_note(runs: list[dict]) -> str:
             held = (f.get("repair") or {}).get("writes_held_s")
             text += f", {f['repairs']} repaired" + (f" (writes held {held:.2f} s)" if held is not None else "")
         if f.get("flush_broken"):
-            text += ", flushing broken: " + f["flush_broken"][:60]
+            result = (f.get("repair") or {}).get("result") or ""
+            # the reason comes last in the repair's result ("... on this secondary: why")
+            why = result.rsplit("on this secondary: ", 1)[1] if "on this secondary: " in result else ""
+            text += ", flushing broken" + (f" (no repair: {why})" if why else
+                                           f": {f['flush_broken'].rsplit(': ', 1)[-1]}")
+        if f.get("writes_marked_dirty"):
+            text += f", {f['writes_marked_dirty']} writes only marked for a resync"
+        if f.get("state") not in (None, "replicating"):
+            text += f", ended {f['state']}"
         parts.append(text)
     return "; ".join(parts)
 
