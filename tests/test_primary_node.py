@@ -964,6 +964,40 @@ def test_a_failed_fsync_while_degraded_fails_every_later_fsync(tmp_path, sec):
     trio.run(run_node, node, body)
 
 
+def test_a_failed_eviction_fdatasync_while_degraded_fails_the_next_fsync(tmp_path, sec):
+    """Degraded, an eviction's fdatasync fails and takes the kernel's
+    write-back error: the VM's next fsync, which the kernel would let
+    succeed, fails, and so does every one after it."""
+    import errno
+
+    from repdisk.core.errors import IOFailure
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await trio.to_thread.run_sync(sec.stop)
+        await wait_state(node, st.P_DEGRADED)
+        real = node.image.datasync
+
+        def datasync():
+            node.image.datasync = real
+            raise IOFailure(f"fdatasync {node.image.path}", OSError(errno.ENOSPC, "No space left on device"))
+
+        node.image.datasync = datasync
+        for e in range(8):
+            try:
+                await node.disk_write(e * EXTENT, b"d" * 4096)
+            except IOFailure:
+                pass
+        assert node.image.datasync is real, "no eviction fdatasync'd the image"
+        with pytest.raises(IOFailure, match="fdatasync .*No space left"):
+            await node.disk_fsync()
+        with pytest.raises(IOFailure, match="cannot flush"):
+            await node.disk_fsync()
+
+    node = make_node(tmp_path, sec, al_extents=4, flush_interval=30)
+    trio.run(run_node, node, body)
+
+
 def test_a_failed_fsync_during_the_first_sync_is_not_repaired_and_says_why(tmp_path, sec):
     """During the initial sync no flush on the link has succeeded yet, so
     the secondary does not hold every write in doubt: no repair, flushing
@@ -986,6 +1020,56 @@ def test_a_failed_fsync_during_the_first_sync_is_not_repaired_and_says_why(tmp_p
             "is on this secondary: no flush on this link has succeeded yet"), result
 
     node = make_node(tmp_path, sec, replica_first=True, flush_interval=30, resync_rate=64 << 20)
+    trio.run(run_node, node, body)
+
+
+def test_a_failed_fdatasync_of_an_eviction_is_repaired_by_the_next_flush(tmp_path, sec):
+    """An activity-log eviction's fdatasync of the image fails (ENOSPC, as
+    on this machine's 1 TiB row) and consumes the kernel's write-back error,
+    so the next fsync succeeds.  That flush must still treat our disk as in
+    doubt: it repairs it from the secondary (here one write the "kernel"
+    lost), and the VM's fsync succeeds only then."""
+    import errno
+
+    from repdisk.core.errors import IOFailure
+
+    lost = 1 * EXTENT + 4096
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_fsync()  # the last good flush
+        real, calls = node.image.datasync, []
+
+        def datasync():
+            calls.append(1)
+            if len(calls) == 1:
+                raise IOFailure(f"fdatasync {node.image.path}", OSError(errno.ENOSPC, "No space left on device"))
+            real()
+
+        node.image.datasync = datasync
+        failed = 0
+        for e in range(8):  # more extents than the log holds: evictions fdatasync the image
+            try:
+                await node.disk_write(e * EXTENT + 4096, bytes([e + 1]) * 8192)
+            except IOFailure:
+                failed += 1
+        assert calls, "no eviction fdatasync'd the image"
+        rf = node.status()["replica_first"]
+        assert "No space left" in rf["sync_failure"], rf
+        fd = os.open(str(tmp_path / "pri.img"), os.O_WRONLY)
+        try:
+            os.pwrite(fd, bytes(8192), lost)  # a write the failed write-back lost
+        finally:
+            os.close(fd)
+        await node.disk_fsync()  # the real fsync succeeds; the repair runs all the same
+        rf = node.status()["replica_first"]
+        assert rf["repairs"] == 1 and rf["flush_broken"] is None and rf["sync_failure"] is None, rf
+        assert "fdatasync" in rf["repair"]["result"] and int(REPAIR_RESULT.search(rf["repair"]["result"]).group(4)) > 0
+        assert node.image.pread(lost, 8192) == bytes([2]) * 8192
+        assert node.image.pread(0, SIZE) == sec.data
+        assert failed <= 1  # at most the write whose eviction failed
+
+    node = make_node(tmp_path, sec, al_extents=4, flush_interval=30)
     trio.run(run_node, node, body)
 
 

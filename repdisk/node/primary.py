@@ -150,6 +150,11 @@ class PrimaryNode:
         self.flush_bytes = flush_bytes
         self._flush_lock = trio.Lock()  # one flush at a time (the flush protocol)
         self._flush_broken: str | None = None  # a local flush failed: no NBD FLUSH ever again
+        # A failed fdatasync of the image outside the flush protocol (activity
+        # log evictions).  The kernel reports a write-back error once, so the
+        # next fsync may succeed over lost pages: the next flush treats this
+        # as its own failure (repair from the secondary, or flushing breaks).
+        self._sync_failure: RepdiskError | None = None
         # Flushes until the secondary's received map holds no replica-first
         # write: each sets it to the map's generations (recvmap.GENERATIONS).
         # (Other writes there are in logged extents, or in a sync, which is
@@ -408,7 +413,11 @@ class PrimaryNode:
             if any(self.dirty.any(*self._extent_blocks(x)) for x in victims):
                 await trio.to_thread.run_sync(self._persist, True)
             if self.al_durability == "host":
-                await trio.to_thread.run_sync(self.image.datasync)
+                try:
+                    await trio.to_thread.run_sync(self.image.datasync)
+                except RepdiskError as e:
+                    self._note_sync_failure(e)
+                    raise
             flushed = True
         finally:
             for x in victims:
@@ -988,6 +997,8 @@ class PrimaryNode:
                 raise IOFailure(f"cannot flush: {self._flush_broken}", None)
             try:
                 await trio.to_thread.run_sync(self.image.fsync)
+                if self._sync_failure is not None:  # reported to an earlier fdatasync, not to us
+                    raise self._sync_failure
             except RepdiskError as e:
                 # No secondary holds the writes in doubt, so nothing can repair
                 # them, and the kernel reports a write-back error only once:
@@ -1042,6 +1053,10 @@ class PrimaryNode:
                     await trio.to_thread.run_sync(self.image.fsync)
                 except RepdiskError as e:
                     local = e
+            if local is None and self._sync_failure is not None:
+                local = self._sync_failure  # the kernel told an fdatasync since, not this fsync
+            if local is not None:
+                self._sync_failure = None  # handled here: repaired, or flushing breaks
             if local is not None and (remote is not None or not await self._repair_from_replica(link, local)):
                 self._flush_broken = f"flushing {self.image.path} failed: {local}"
                 self._rf_ok = False
@@ -1053,6 +1068,14 @@ class PrimaryNode:
             self._clean_flush = (link, marked)
             self.flushes += 1
             return None
+
+    def _note_sync_failure(self, e: RepdiskError) -> None:
+        if self._sync_failure is None:
+            self._sync_failure = e
+        self._flushes_owed = max(self._flushes_owed, 1)
+        self._last_flush = float("-inf")  # the flush timer runs the next flush now
+        log.error("%s: writes since the last good flush are in doubt; the next flush repairs them "
+                  "from the secondary or fails", e)
 
     async def _repair_from_replica(self, link, failure: RepdiskError) -> bool:
         """Our fsync failed (`failure`), the secondary's flush did not.  The
@@ -1245,7 +1268,8 @@ class PrimaryNode:
             "replica_first": {"active": self._rf_ok, "writes": self.writes_replica_first,
                               "flushes": self.flushes, "flush_broken": self._flush_broken,
                               "secondary_run": self.meta.peer_run or None, "after_unclean_stop": self.received_merge,
-                              "repairs": self.repairs},
+                              "repairs": self.repairs,
+                              "sync_failure": None if self._sync_failure is None else str(self._sync_failure)},
         }
         if self.repair_result is not None or self.repair.started is not None:
             s["replica_first"]["repair"] = {**self.repair.as_dict(), "writes_held_s": round(self.repair_held, 3),
