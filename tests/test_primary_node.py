@@ -1073,6 +1073,48 @@ def test_a_failed_fdatasync_of_an_eviction_is_repaired_by_the_next_flush(tmp_pat
     trio.run(run_node, node, body)
 
 
+@pytest.mark.parametrize("replica_first", [True, False], ids=["replica-first", "replica-first-off"])
+def test_a_failed_flush_on_the_secondary_resends_what_it_received_since_the_last_good_one(tmp_path, sec,
+                                                                                        replica_first):
+    """The secondary's fsync fails (ENOSPC, as on this machine's 1 TiB row):
+    its kernel may have dropped what it received since its last good flush,
+    and would let the next fsync succeed.  The primary degrades, reconnects
+    and resends all of that, not only what was written while degraded: the
+    replica ends equal to our disk (here one write its "kernel" lost)."""
+    import errno
+
+    from repdisk.core.errors import IOFailure
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_fsync()  # the last good flush
+        for i in range(6):
+            await node.disk_write(i * EXTENT + 4096 * i, bytes([i + 1]) * 8192)
+        fd = os.open(str(tmp_path / "sec" / "sec.img"), os.O_WRONLY)
+        try:
+            os.pwrite(fd, bytes(8192), 3 * EXTENT + 3 * 4096)  # the secondary's lost write
+        finally:
+            os.close(fd)
+        replica = sec.stack.replica
+        real = replica.fsync
+
+        def fsync():
+            replica.fsync = real
+            raise IOFailure(f"fsync {replica.path}", OSError(errno.ENOSPC, "No space left on device"))
+
+        replica.fsync = fsync
+        await node.disk_fsync()  # the secondary's failure degrades replication, not the VM
+        assert replica.fsync is real, "the secondary's fsync was not called"
+        assert node.state == st.P_DEGRADED
+        await wait_state(node, st.P_REPLICATING)  # reconnected and resynced
+        await node.disk_fsync()
+        assert sec.data == node.image.pread(0, SIZE)
+        assert sec.data[3 * EXTENT + 3 * 4096 : 3 * EXTENT + 5 * 4096] == bytes([4]) * 8192
+
+    node = make_node(tmp_path, sec, replica_first=replica_first, flush_interval=30)
+    trio.run(run_node, node, body)
+
+
 def test_an_fsync_that_fails_again_after_the_repair_breaks_flushing_for_good(tmp_path, sec):
     """When the fsync after the repair fails too, our disk stays in doubt:
     every later fsync of disk.img fails, no NBD FLUSH is sent (the secondary

@@ -155,6 +155,9 @@ class PrimaryNode:
         # next fsync may succeed over lost pages: the next flush treats this
         # as its own failure (repair from the secondary, or flushing breaks).
         self._sync_failure: RepdiskError | None = None
+        # Blocks a sync sent since the last good flush (None: none): if the
+        # secondary's next flush fails, they may not be on its disk.
+        self._synced_unflushed: bitarray | None = None
         # Flushes until the secondary's received map holds no replica-first
         # write: each sets it to the map's generations (recvmap.GENERATIONS).
         # (Other writes there are in logged extents, or in a sync, which is
@@ -735,6 +738,10 @@ class PrimaryNode:
         # Until the sync is drained, what it cleared may not be on the secondary
         # yet: the persisted bitmap keeps it (see _persist).
         self._sync_base = dirty.bits.copy()
+        if self._synced_unflushed is None:
+            self._synced_unflushed = self._sync_base
+        else:
+            self._synced_unflushed |= self._sync_base
         try:
             await self._sync_loop(link, per, t0)
         except RepdiskError:
@@ -1053,6 +1060,8 @@ class PrimaryNode:
                     await trio.to_thread.run_sync(self.image.fsync)
                 except RepdiskError as e:
                     local = e
+            if remote is not None:
+                self._resend_unflushed(remote)
             if local is None and self._sync_failure is not None:
                 local = self._sync_failure  # the kernel told an fdatasync since, not this fsync
             if local is not None:
@@ -1066,8 +1075,26 @@ class PrimaryNode:
                 self._link_failed(remote)
                 return remote
             self._clean_flush = (link, marked)
+            self._synced_unflushed = None
             self.flushes += 1
             return None
+
+    def _resend_unflushed(self, error) -> None:
+        """The secondary's flush failed (an error reply, or the link went
+        down): what it received since the last good flush began may not be
+        on its disk (its kernel reports a write-back error once; the next
+        flush there may succeed).  Mark all of it for the resync that
+        follows the reconnect: the writes since then, by map grain, and what
+        a sync sent."""
+        geo, n = self.geometry, 0
+        for off, length in grain_ranges(self._written | self._written_before, GRAIN_SHIFT, self.size):
+            self.dirty.set(*geo.blocks(off, length))
+            n += length
+        if self._synced_unflushed is not None:
+            n += self._synced_unflushed.count() << geo.shift
+            self.dirty.bits |= self._synced_unflushed
+        log.warning("the secondary's flush failed (%s): %d bytes it received since the last good flush "
+                    "will be sent again", error, min(n, self.size))
 
     def _note_sync_failure(self, e: RepdiskError) -> None:
         if self._sync_failure is None:
