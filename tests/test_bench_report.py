@@ -231,7 +231,8 @@ def test_the_1_tib_write_row_says_what_the_primarys_flushes_did():
         {**base, "write_iops": 790.0, "flushes": {
             "flushes": 9, "repairs": 0, "flush_broken": "flushing pri.raw failed: fsync pri.raw: ENOSPC",
             "repair": {"result": "not possible after fsync pri.raw: ENOSPC: not every write since the last good "
-                                 "flush is on this secondary: the primary is degraded, not replicating"},
+                                 "flush is on this secondary: the primary is degraded, not replicating",
+                       "refused": "the primary is degraded, not replicating"},
             "state": "degraded", "writes_marked_dirty": 12}},
     ], "errors": []}}}}
     res["meta"] = {"started": "x", "git": "g", "quick": False, "config": {"reps": 3}, "cpus": 2,

@@ -181,6 +181,7 @@ class PrimaryNode:
         self.repair = Progress()  # the last repair from the replica
         self.repairs = 0
         self.repair_result: str | None = None
+        self.repair_refused: str | None = None  # why the last repair was not tried (status, bench)
         self.repair_held = 0.0  # seconds the last repair held writes
         self._writes_active = 0  # disk_write calls in progress
         self._writes_quiet: trio.Event | None = None  # set when they reach 0
@@ -537,10 +538,7 @@ class PrimaryNode:
             log.error("unclean stop: %s", self.received_merge)
             dirty.set_all()
         else:
-            n = 0
-            for off, length in map_ranges(data, info["bits"], info["shift"], self.size):
-                dirty.set(*self.geometry.blocks(off, length))
-                n += length
+            n = self._mark_dirty(map_ranges(data, info["bits"], info["shift"], self.size))
             self.received_merge = f"{n} bytes the secondary received unflushed will be resynced"
             log.warning("unclean stop: %s (received map of run %s)", self.received_merge, m.peer_run)
         self._map_pending = False
@@ -648,8 +646,7 @@ class PrimaryNode:
                 try:
                     await trio.to_thread.run_sync(self.image.datasync)
                 except RepdiskError as e:
-                    self._flush_broken = f"flushing the image failed: {e}"
-                    log.error("%s; no replica-first writes from now on", self._flush_broken)
+                    self._break_flushing(f"flushing the image failed: {e}")
             m.peer_run = run
             self._persist()  # before any write is sent to that run
         self._rf_ok = bool(run) and self.replica_first and self._flush_broken is None
@@ -1010,10 +1007,8 @@ class PrimaryNode:
                 # No secondary holds the writes in doubt, so nothing can repair
                 # them, and the kernel reports a write-back error only once:
                 # every later fsync must fail too, not succeed over lost data.
-                self._flush_broken = (f"flushing {self.image.path} failed while {self.state}: {e}; writes since "
-                                      "the last good flush may be lost and no secondary holds them")
-                self._rf_ok = False
-                log.error("%s", self._flush_broken)
+                self._break_flushing(f"flushing {self.image.path} failed while {self.state}: {e}; writes since "
+                                     "the last good flush may be lost and no secondary holds them")
                 raise
             return
         await self._flush(link)  # the secondary's failure degrades replication, not the VM
@@ -1067,9 +1062,7 @@ class PrimaryNode:
             if local is not None:
                 self._sync_failure = None  # handled here: repaired, or flushing breaks
             if local is not None and (remote is not None or not await self._repair_from_replica(link, local)):
-                self._flush_broken = f"flushing {self.image.path} failed: {local}"
-                self._rf_ok = False
-                log.error("%s; no NBD FLUSH and no replica-first writes from now on", self._flush_broken)
+                self._break_flushing(f"flushing {self.image.path} failed: {local}")
                 raise local
             if remote is not None:
                 self._link_failed(remote)
@@ -1079,6 +1072,23 @@ class PrimaryNode:
             self.flushes += 1
             return None
 
+    def _break_flushing(self, why: str) -> None:
+        """A local flush failed and cannot be made good: every later fsync of
+        disk.img fails with `why`, no NBD FLUSH is sent again (the secondary's
+        received map keeps what a restart must resync), no replica first."""
+        self._flush_broken = why
+        self._rf_ok = False
+        log.error("%s; no NBD FLUSH and no replica-first writes from now on", why)
+
+    def _mark_dirty(self, ranges) -> int:
+        """Mark byte ranges [(offset, length)] dirty (one slice per run);
+        returns their bytes."""
+        geo, n = self.geometry, 0
+        for off, length in ranges:
+            self.dirty.set(*geo.blocks(off, length))
+            n += length
+        return n
+
     def _resend_unflushed(self, error) -> None:
         """The secondary's flush failed (an error reply, or the link went
         down): what it received since the last good flush began may not be
@@ -1086,12 +1096,9 @@ class PrimaryNode:
         flush there may succeed).  Mark all of it for the resync that
         follows the reconnect: the writes since then, by map grain, and what
         a sync sent."""
-        geo, n = self.geometry, 0
-        for off, length in grain_ranges(self._written | self._written_before, GRAIN_SHIFT, self.size):
-            self.dirty.set(*geo.blocks(off, length))
-            n += length
+        n = self._mark_dirty(grain_ranges(self._written | self._written_before, GRAIN_SHIFT, self.size))
         if self._synced_unflushed is not None:
-            n += self._synced_unflushed.count() << geo.shift
+            n += self._synced_unflushed.count() << self.geometry.shift
             self.dirty.bits |= self._synced_unflushed
         log.warning("the secondary's flush failed (%s): %d bytes it received since the last good flush "
                     "will be sent again", error, min(n, self.size))
@@ -1138,12 +1145,10 @@ class PrimaryNode:
                         "for a resync, not sent")
             return None
 
-        def still_possible() -> bool:
-            return why_not() is None
-
-        if (reason := why_not()) is not None:
+        self.repair_refused = why_not()
+        if self.repair_refused is not None:
             self.repair_result = (f"not possible after {failure}: not every write since the last good flush "
-                                  f"is on this secondary: {reason}")
+                                  f"is on this secondary: {self.repair_refused}")
             log.error("%s", self.repair_result)
             return False
         doubt = grain_ranges(self._written | self._written_before, GRAIN_SHIFT, self.size)
@@ -1161,8 +1166,8 @@ class PrimaryNode:
             try:
                 await self._writes_done()
                 await link.settle()
-                if not still_possible():
-                    raise IOFailure("the link to the secondary changed during the repair", None)
+                if (reason := why_not()) is not None:
+                    raise IOFailure(f"the link to the secondary changed during the repair: {reason}", None)
                 again = sum(n for _, n in differ)
                 self.repair.total += again
                 fixed = await self._repair_pass(link, differ, write_back=True)
@@ -1300,7 +1305,7 @@ class PrimaryNode:
         }
         if self.repair_result is not None or self.repair.started is not None:
             s["replica_first"]["repair"] = {**self.repair.as_dict(), "writes_held_s": round(self.repair_held, 3),
-                                            "result": self.repair_result}
+                                            "result": self.repair_result, "refused": self.repair_refused}
         if self.verify.started is not None:
             geo = self.geometry
             s["verify"] = {**self.verify.as_dict(), "result": self.verify_result,

@@ -41,9 +41,7 @@ def flush_note(runs: list[dict]) -> str:
             held = (f.get("repair") or {}).get("writes_held_s")
             text += f", {f['repairs']} repaired" + (f" (writes held {held:.2f} s)" if held is not None else "")
         if f.get("flush_broken"):
-            result = (f.get("repair") or {}).get("result") or ""
-            # the reason comes last in the repair's result ("... on this secondary: why")
-            why = result.rsplit("on this secondary: ", 1)[1] if "on this secondary: " in result else ""
+            why = (f.get("repair") or {}).get("refused")
             text += ", flushing broken" + (f" (no repair: {why})" if why else
                                            f": {f['flush_broken'].rsplit(': ', 1)[-1]}")
         if f.get("writes_marked_dirty"):
