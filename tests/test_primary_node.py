@@ -764,24 +764,29 @@ def test_a_sequential_stream_logs_the_next_extent_ahead_and_keeps_the_parallel_p
     assert sec.data == node.image.pread(0, SIZE)
 
 
-def _failing_fsync(node, failures: int):
-    """The image's fsync fails with ENOSPC `failures` times, then works: what
-    this machine's ext4 does now and then to a heavily fragmented sparse
-    image (issue 4's notes).  Returns the list of calls made."""
+def _failing(image, method: str, failures: int, syscall: str = ""):
+    """`image.method` (an image's fsync or datasync) fails with ENOSPC
+    `failures` times, then works: what this machine's ext4 does now and then
+    to a heavily fragmented sparse image (issue 4's notes).  Returns the
+    list of calls made (True: failed)."""
     import errno
 
     from repdisk.core.errors import IOFailure
 
-    real, calls = node.image.fsync, []
+    real, calls = getattr(image, method), []
 
-    def fsync():
+    def call():
         calls.append(len(calls) < failures)
         if calls[-1]:
-            raise IOFailure(f"fsync {node.image.path}", OSError(errno.ENOSPC, "No space left on device"))
+            raise IOFailure(f"{syscall or method} {image.path}", OSError(errno.ENOSPC, "No space left on device"))
         real()
 
-    node.image.fsync = fsync
+    setattr(image, method, call)
     return calls
+
+
+def _failing_fsync(node, failures: int):
+    return _failing(node.image, "fsync", failures)
 
 
 def test_a_repair_reads_at_most_64_pieces_or_32_mib_at_once():
@@ -968,27 +973,19 @@ def test_a_failed_eviction_fdatasync_while_degraded_fails_the_next_fsync(tmp_pat
     """Degraded, an eviction's fdatasync fails and takes the kernel's
     write-back error: the VM's next fsync, which the kernel would let
     succeed, fails, and so does every one after it."""
-    import errno
-
     from repdisk.core.errors import IOFailure
 
     async def body(node):
         await wait_state(node, st.P_REPLICATING)
         await trio.to_thread.run_sync(sec.stop)
         await wait_state(node, st.P_DEGRADED)
-        real = node.image.datasync
-
-        def datasync():
-            node.image.datasync = real
-            raise IOFailure(f"fdatasync {node.image.path}", OSError(errno.ENOSPC, "No space left on device"))
-
-        node.image.datasync = datasync
+        calls = _failing(node.image, "datasync", 1, "fdatasync")
         for e in range(8):
             try:
                 await node.disk_write(e * EXTENT, b"d" * 4096)
             except IOFailure:
                 pass
-        assert node.image.datasync is real, "no eviction fdatasync'd the image"
+        assert calls[:1] == [True], "no eviction fdatasync'd the image"
         with pytest.raises(IOFailure, match="fdatasync .*No space left"):
             await node.disk_fsync()
         with pytest.raises(IOFailure, match="cannot flush"):
@@ -1018,6 +1015,7 @@ def test_a_failed_fsync_during_the_first_sync_is_not_repaired_and_says_why(tmp_p
         result = rf["repair"]["result"]
         assert result.startswith("not possible after") and result.endswith(
             "is on this secondary: no flush on this link has succeeded yet"), result
+        assert rf["repair"]["refused"] == "no flush on this link has succeeded yet", rf
 
     node = make_node(tmp_path, sec, replica_first=True, flush_interval=30, resync_rate=64 << 20)
     trio.run(run_node, node, body)
@@ -1029,8 +1027,6 @@ def test_a_failed_fdatasync_of_an_eviction_is_repaired_by_the_next_flush(tmp_pat
     so the next fsync succeeds.  That flush must still treat our disk as in
     doubt: it repairs it from the secondary (here one write the "kernel"
     lost), and the VM's fsync succeeds only then."""
-    import errno
-
     from repdisk.core.errors import IOFailure
 
     lost = 1 * EXTENT + 4096
@@ -1038,15 +1034,7 @@ def test_a_failed_fdatasync_of_an_eviction_is_repaired_by_the_next_flush(tmp_pat
     async def body(node):
         await wait_state(node, st.P_REPLICATING)
         await node.disk_fsync()  # the last good flush
-        real, calls = node.image.datasync, []
-
-        def datasync():
-            calls.append(1)
-            if len(calls) == 1:
-                raise IOFailure(f"fdatasync {node.image.path}", OSError(errno.ENOSPC, "No space left on device"))
-            real()
-
-        node.image.datasync = datasync
+        calls = _failing(node.image, "datasync", 1, "fdatasync")
         failed = 0
         for e in range(8):  # more extents than the log holds: evictions fdatasync the image
             try:
@@ -1064,6 +1052,7 @@ def test_a_failed_fdatasync_of_an_eviction_is_repaired_by_the_next_flush(tmp_pat
         await node.disk_fsync()  # the real fsync succeeds; the repair runs all the same
         rf = node.status()["replica_first"]
         assert rf["repairs"] == 1 and rf["flush_broken"] is None and rf["sync_failure"] is None, rf
+        assert rf["repair"]["refused"] is None, rf
         assert "fdatasync" in rf["repair"]["result"] and int(REPAIR_RESULT.search(rf["repair"]["result"]).group(4)) > 0
         assert node.image.pread(lost, 8192) == bytes([2]) * 8192
         assert node.image.pread(0, SIZE) == sec.data
@@ -1081,9 +1070,6 @@ def test_a_failed_flush_on_the_secondary_resends_what_it_received_since_the_last
     and would let the next fsync succeed.  The primary degrades, reconnects
     and resends all of that, not only what was written while degraded: the
     replica ends equal to our disk (here one write its "kernel" lost)."""
-    import errno
-
-    from repdisk.core.errors import IOFailure
 
     async def body(node):
         await wait_state(node, st.P_REPLICATING)
@@ -1095,16 +1081,9 @@ def test_a_failed_flush_on_the_secondary_resends_what_it_received_since_the_last
             os.pwrite(fd, bytes(8192), 3 * EXTENT + 3 * 4096)  # the secondary's lost write
         finally:
             os.close(fd)
-        replica = sec.stack.replica
-        real = replica.fsync
-
-        def fsync():
-            replica.fsync = real
-            raise IOFailure(f"fsync {replica.path}", OSError(errno.ENOSPC, "No space left on device"))
-
-        replica.fsync = fsync
+        calls = _failing(sec.stack.replica, "fsync", 1)
         await node.disk_fsync()  # the secondary's failure degrades replication, not the VM
-        assert replica.fsync is real, "the secondary's fsync was not called"
+        assert calls[:1] == [True], "the secondary's fsync was not called"
         assert node.state == st.P_DEGRADED
         await wait_state(node, st.P_REPLICATING)  # reconnected and resynced
         await node.disk_fsync()
