@@ -1094,6 +1094,47 @@ def test_a_failed_flush_on_the_secondary_resends_what_it_received_since_the_last
     trio.run(run_node, node, body)
 
 
+@pytest.mark.parametrize("replica_first", [True, False], ids=["replica-first", "replica-first-off"])
+def test_a_failed_flush_on_the_secondary_after_a_sync_resends_what_the_sync_sent(tmp_path, sec, replica_first):
+    """The first flush after the initial sync fails on the secondary, whose
+    "kernel" dropped a block the sync sent.  No VM write touched it, so only
+    the record of what the sync sent since the last good flush can bring it
+    back: after the reconnect the replica equals our disk.  (With replica
+    first the primary flushes right after the sync; without, the VM's first
+    fsync is that flush.)"""
+    lost = 5 * EXTENT + 3 * 4096
+    image = bytearray(SIZE)
+    for e in range(2, 9):
+        image[e * EXTENT : e * EXTENT + 64 * 1024] = bytes([e]) * (64 * 1024)
+    (tmp_path / "pri.img").write_bytes(image)
+    fails = _failing(sec.stack.replica, "fsync", 1)
+    failing, lost_at = sec.stack.replica.fsync, []
+
+    def lossy_fsync():
+        if not lost_at:  # the first flush: the kernel dropped a page, then reports it
+            lost_at.append(sec.image.pread(lost, 8192))
+            sec.image.pwrite(bytes(8192), lost)
+        failing()
+
+    sec.stack.replica.fsync = lossy_fsync
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        # With replica first the flush after the sync failed: this is after the reconnect.
+        if not replica_first:
+            await node.disk_fsync()  # the flush that fails on the secondary
+            assert node.state == st.P_DEGRADED
+            await wait_state(node, st.P_REPLICATING)
+        await node.disk_fsync()
+        assert fails[:2] == [True, False], fails
+        assert lost_at == [bytes([5]) * 8192], "the sync had not sent the block the secondary lost"
+        assert sec.data[lost : lost + 8192] == bytes([5]) * 8192
+        assert sec.data == node.image.pread(0, SIZE)
+
+    node = make_node(tmp_path, sec, replica_first=replica_first, flush_interval=30)
+    trio.run(run_node, node, body)
+
+
 def test_an_fsync_that_fails_again_after_the_repair_breaks_flushing_for_good(tmp_path, sec):
     """When the fsync after the repair fails too, our disk stays in doubt:
     every later fsync of disk.img fails, no NBD FLUSH is sent (the secondary
