@@ -371,34 +371,28 @@ def section_sync(cfg: Config, work: str, res: dict, have_repdisk: bool):
                 remove_tree(d)
                 key = f"nbdcopy-repdisk-{transport}"
                 d = os.path.join(work, f"sync-{key}-{rep}")
-                pair = RepdiskPair(d, cfg.sync_size, transport=transport)
-                try:
-                    with running(pair):
-                        pair.prepare()
-                        pair.start_secondary()
-                        _settle_writeback()
-                        secs = _nbdcopy(img, pair.uri)
-                    out["runs"].setdefault(key, []).append({"seconds": secs})
-                    log(f"  {key}: {secs:.2f} s ({cfg.sync_size / MiB / secs:.0f} MiB/s)")
-                except (BenchError, OSError) as e:
-                    out["errors"].append(f"{key}: {e}")
-                    log(f"  {key}: error: {e}")
-                remove_tree(d)
+                _nbdcopy_run(cfg, out, key, d, img, RepdiskPair(d, cfg.sync_size, transport=transport),
+                             lambda pair: pair.uri)
         key = "nbdcopy-qemu"
         d = os.path.join(work, f"sync-{key}-{rep}")
-        q = QemuPair(d, cfg.sync_size)
-        try:
-            with running(q):
-                q.prepare()
-                q.start_secondary()
-                _settle_writeback()
-                secs = _nbdcopy(img, q.nbd_uri())
-            out["runs"].setdefault(key, []).append({"seconds": secs})
-            log(f"  {key}: {secs:.2f} s ({cfg.sync_size / MiB / secs:.0f} MiB/s)")
-        except (BenchError, OSError) as e:
-            out["errors"].append(f"{key}: {e}")
-            log(f"  {key}: error: {e}")
-        remove_tree(d)
+        _nbdcopy_run(cfg, out, key, d, img, QemuPair(d, cfg.sync_size), lambda q: q.nbd_uri())
+
+
+def _nbdcopy_run(cfg: Config, out: dict, key: str, d: str, img: str, pair, uri_of) -> None:
+    """One `nbdcopy` of the sync row's image into a started secondary
+    (repdisk's or QEMU's): the transport's limit, recorded under `key`."""
+    try:
+        with running(pair):
+            pair.prepare()
+            pair.start_secondary()
+            _settle_writeback()
+            secs = _nbdcopy(img, uri_of(pair))
+        out["runs"].setdefault(key, []).append({"seconds": secs})
+        log(f"  {key}: {secs:.2f} s ({cfg.sync_size / MiB / secs:.0f} MiB/s)")
+    except (BenchError, OSError) as e:
+        out["errors"].append(f"{key}: {e}")
+        log(f"  {key}: error: {e}")
+    remove_tree(d)
 
 
 def _settle_writeback() -> None:
