@@ -789,6 +789,23 @@ def _failing_fsync(node, failures: int):
     return _failing(node.image, "fsync", failures)
 
 
+def _losing_fsync(sec, lost: int, length: int):
+    """The secondary's fsync fails once, and its "kernel" drops
+    [lost, lost+length) of the replica first (the data is kept in the
+    returned list, to check it had arrived).  Returns (fsync calls, kept)."""
+    calls = _failing(sec.stack.replica, "fsync", 1)
+    failing, kept = sec.stack.replica.fsync, []
+
+    def lossy_fsync():
+        if not kept:
+            kept.append(sec.image.pread(lost, length))
+            sec.image.pwrite(bytes(length), lost)
+        failing()
+
+    sec.stack.replica.fsync = lossy_fsync
+    return calls, kept
+
+
 def test_a_repair_reads_at_most_64_pieces_or_32_mib_at_once():
     from repdisk.node.primary import REPAIR_BATCH, REPAIR_BATCH_BYTES, batches
 
@@ -1107,16 +1124,7 @@ def test_a_failed_flush_on_the_secondary_after_a_sync_resends_what_the_sync_sent
     for e in range(2, 9):
         image[e * EXTENT : e * EXTENT + 64 * 1024] = bytes([e]) * (64 * 1024)
     (tmp_path / "pri.img").write_bytes(image)
-    fails = _failing(sec.stack.replica, "fsync", 1)
-    failing, lost_at = sec.stack.replica.fsync, []
-
-    def lossy_fsync():
-        if not lost_at:  # the first flush: the kernel dropped a page, then reports it
-            lost_at.append(sec.image.pread(lost, 8192))
-            sec.image.pwrite(bytes(8192), lost)
-        failing()
-
-    sec.stack.replica.fsync = lossy_fsync
+    fails, lost_at = _losing_fsync(sec, lost, 8192)  # at the first flush
 
     async def body(node):
         await wait_state(node, st.P_REPLICATING)
