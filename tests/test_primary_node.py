@@ -1143,6 +1143,34 @@ def test_a_failed_flush_on_the_secondary_after_a_sync_resends_what_the_sync_sent
     trio.run(run_node, node, body)
 
 
+def test_a_good_flush_during_a_sync_keeps_tracking_what_the_sync_sends_after_it(tmp_path, sec):
+    """A VM fsync succeeds while the initial sync runs; the sync goes on
+    sending, and the flush right after it fails on the secondary, whose
+    "kernel" dropped a block the sync sent after that good flush.  The
+    good flush must not end the record of what the running sync sends:
+    after the reconnect the replica equals our disk."""
+    lost = SIZE - 3 * 4096  # the sync goes from the start: this is sent last
+    (tmp_path / "pri.img").write_bytes(b"\x07" * SIZE)
+
+    async def body(node):
+        await wait_state(node, st.P_SYNCING)
+        await node.disk_fsync()  # a good flush on this link, early in the sync
+        assert node.state == st.P_SYNCING and node.flushes == 1, "the sync ended before the good flush"
+        fails, lost_at = _losing_fsync(sec, lost, 8192)
+        # The flush after the sync fails; this waits for the reconnect.
+        with trio.fail_after(20):
+            while not fails or node.state != st.P_REPLICATING:
+                await trio.sleep(0.01)
+        await node.disk_fsync()
+        assert fails[:2] == [True, False], fails
+        assert lost_at == [b"\x07" * 8192], "the sync had not sent the block the secondary lost"
+        assert sec.data[lost : lost + 8192] == b"\x07" * 8192
+        assert sec.data == node.image.pread(0, SIZE)
+
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=30, resync_rate=64 << 20)
+    trio.run(run_node, node, body)
+
+
 def test_an_fsync_that_fails_again_after_the_repair_breaks_flushing_for_good(tmp_path, sec):
     """When the fsync after the repair fails too, our disk stays in doubt:
     every later fsync of disk.img fails, no NBD FLUSH is sent (the secondary

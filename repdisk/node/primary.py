@@ -155,8 +155,9 @@ class PrimaryNode:
         # next fsync may succeed over lost pages: the next flush treats this
         # as its own failure (repair from the secondary, or flushing breaks).
         self._sync_failure: RepdiskError | None = None
-        # Blocks a sync sent since the last good flush (None: none): if the
-        # secondary's next flush fails, they may not be on its disk.
+        # Blocks a sync sent, or a running one may send, since the last good
+        # flush (None: none): if the secondary's next flush fails, they may
+        # not be on its disk.
         self._synced_unflushed: bitarray | None = None
         # Flushes until the secondary's received map holds no replica-first
         # write: each sets it to the map's generations (recvmap.GENERATIONS).
@@ -735,6 +736,8 @@ class PrimaryNode:
         # Until the sync is drained, what it cleared may not be on the secondary
         # yet: the persisted bitmap keeps it (see _persist).
         self._sync_base = dirty.bits.copy()
+        # _sync_base is only ever replaced, never changed in place, so the
+        # record may share it.
         if self._synced_unflushed is None:
             self._synced_unflushed = self._sync_base
         else:
@@ -1068,7 +1071,9 @@ class PrimaryNode:
                 self._link_failed(remote)
                 return remote
             self._clean_flush = (link, marked)
-            self._synced_unflushed = None
+            # A sync still running goes on sending after this flush: keep its
+            # base (what it has left, and what it sends meanwhile) in doubt.
+            self._synced_unflushed = self._sync_base
             self.flushes += 1
             return None
 
