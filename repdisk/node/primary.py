@@ -1101,12 +1101,12 @@ class PrimaryNode:
         flush there may succeed).  Mark all of it for the resync that
         follows the reconnect: the writes since then, by map grain, and what
         a sync sent."""
-        n = self._mark_dirty(grain_ranges(self._written | self._written_before, GRAIN_SHIFT, self.size))
+        self._mark_dirty(grain_ranges(self._written | self._written_before, GRAIN_SHIFT, self.size))
         if self._synced_unflushed is not None:
-            n += self._synced_unflushed.count() << self.geometry.shift
             self.dirty.bits |= self._synced_unflushed
-        log.warning("the secondary's flush failed (%s): %d bytes it received since the last good flush "
-                    "will be sent again", error, min(n, self.size))
+        log.warning("the secondary's flush failed (%s): what it received since the last good flush will be "
+                    "sent again (%d bytes dirty now)", error, min(self.dirty.count() << self.geometry.shift,
+                                                                   self.size))
 
     def _note_sync_failure(self, e: RepdiskError) -> None:
         if self._sync_failure is None:
