@@ -533,6 +533,32 @@ def test_then_runs_once_everything_is_sent_and_before_the_reply(servers):
     run(main)
 
 
+def test_started_runs_for_each_piece_when_it_is_admitted(servers):
+    """`started(offset, length)` runs for every request of a call as it
+    starts (the primary marks there what the next flush covers): a piece
+    that waits for room on the link reports when it gets it, not before.
+    A refused call reports nothing."""
+    server = servers(nbdkit(3 * CHUNK, "delay-write=50ms", filters=["delay"]))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri, max_requests=1)
+            seen = []
+
+            def started(offset, length):
+                seen.append((offset, length, link.statistics()["write"]["completed"]))
+
+            await link.write(b"b" * (CHUNK + 4096), 4096, wait=False, started=started)  # two requests
+            await link.zero(0, 4096, started=started)
+            assert seen == [(4096, CHUNK, 0), (4096 + CHUNK, 4096, 1), (0, 4096, 2)]
+            with pytest.raises(ReplicaError):
+                await link.write(b"x", 3 * CHUNK, started=started)  # out of range: refused before sending
+            assert len(seen) == 3
+            await link.close()
+
+    run(main)
+
+
 def test_out_of_range_is_refused_without_failing_the_link(servers):
     server = servers(nbdkit(MiB))
 

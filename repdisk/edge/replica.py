@@ -231,7 +231,7 @@ class _Req:
     __slots__ = (
         "link", "op", "ctr", "offset", "length", "buf", "nbytes", "flags", "then_flush",
         "seq", "first", "last", "pending", "dependents", "task", "done", "error", "then", "then_error",
-        "after",
+        "after", "started",
     )
 
     def __init__(self, link, op, ctr, offset, length, buf, nbytes, flags=0):
@@ -254,6 +254,7 @@ class _Req:
         self.then = None  # the caller's `then`, run when this (last) piece is started
         self.then_error = None  # what it raised (or `after` raised), for the caller
         self.after = None  # the caller's `after`, run when this piece succeeded
+        self.started = None  # the caller's `started`, run when this piece is started
 
     def reply(self, err) -> int:
         # Completion callback, called from inside libnbd: record and return.
@@ -637,7 +638,7 @@ class ReplicaLink:
     # synchronous from admission to aio_pwrite: no await, no coroutine layer.
 
     async def write(self, buf, offset: int, *, fua: bool = False, wait: bool = True, then=None,
-                    after=None) -> None:
+                    after=None, started=None) -> None:
         """buf: bytes or any buffer the caller does not modify until the reply;
         libnbd sends from it directly (no copy).  `then`: a plain callable run
         when the write's last piece is started (handed to libnbd, or queued
@@ -650,7 +651,11 @@ class ReplicaLink:
         its success, as the reply is handled, before any later overlapping
         request is sent (the primary's replica-first writes write their own
         disk there); not run for a piece that failed.  Needs wait=True: its
-        exception propagates to the caller once the write is done."""
+        exception propagates to the caller once the write is done.
+        `started(offset, length)`: a plain callable that must not raise, run
+        for each piece as it is started, when it takes its place in the order
+        settle() and flush() cover: a flush that starts later covers it
+        (the primary records there what a failed flush leaves in doubt)."""
         if type(buf) is bytes:
             length = len(buf)
         else:
@@ -663,10 +668,11 @@ class ReplicaLink:
             if not length:
                 return
         if fua or length > self._chunk:
-            return await self._write_chunks(memoryview(buf), offset, length, fua, wait, then, after)
+            return await self._write_chunks(memoryview(buf), offset, length, fua, wait, then, after, started)
         req = _Req(self, _WRITE, self._wctr, offset, length, buf, length)
         req.then = then
         req.after = after
+        req.started = started
         if self._admit_q or self._nreq >= self.max_requests or (self._nbytes + length > self.max_bytes and self._nreq):
             await self._admit_slow(req, offset + length)  # started by _pump, in arrival order
         else:
@@ -736,7 +742,7 @@ class ReplicaLink:
         except nbd.Error as e:
             self._fail(ReplicaError(f"connection to {self.uri} lost: {_nbd_message(e)}", e.errnum))
 
-    async def _write_chunks(self, mv, offset, length, fua, wait, then, after) -> None:
+    async def _write_chunks(self, mv, offset, length, fua, wait, then, after, started) -> None:
         flags = 0
         then_flush = False
         if fua:
@@ -752,6 +758,7 @@ class ReplicaLink:
             req = _Req(self, _WRITE, self._wctr, offset + pos, n, mv[pos : pos + n], n, flags)
             req.then_flush = then_flush
             req.after = after
+            req.started = started
             if pos + n == length:
                 req.then = then
             await self._issue(req, end)
@@ -770,20 +777,23 @@ class ReplicaLink:
                 if req.then_error is not None:
                     raise req.then_error
 
-    async def zero(self, offset: int, length: int, *, wait: bool = True, then=None, after=None) -> None:
-        """NBD WRITE_ZEROES, holes allowed (no NO_HOLE flag).  `then` and `after` as in write()."""
+    async def zero(self, offset: int, length: int, *, wait: bool = True, then=None, after=None,
+                   started=None) -> None:
+        """NBD WRITE_ZEROES, holes allowed (no NO_HOLE flag).  `then`, `after`
+        and `started` as in write()."""
         self._check(_ZERO, offset, length)
         if length:
-            await self._zero_or_trim(_ZERO if self._can_zero else None, offset, length, wait, then, after)
+            await self._zero_or_trim(_ZERO if self._can_zero else None, offset, length, wait, then, after,
+                                     started)
 
     async def trim(self, offset: int, length: int, *, wait: bool = True) -> None:
         """NBD TRIM; a server that cannot trim gets WRITE_ZEROES instead."""
         self._check(_TRIM, offset, length)
         if length:
             op = _TRIM if self._can_trim else _ZERO if self._can_zero else None
-            await self._zero_or_trim(op, offset, length, wait, None, None)
+            await self._zero_or_trim(op, offset, length, wait, None, None, None)
 
-    async def _zero_or_trim(self, op, offset, length, wait, then, after) -> None:
+    async def _zero_or_trim(self, op, offset, length, wait, then, after, started) -> None:
         end = offset + length
         reqs = []
         if op is None:  # the server cannot write zeroes: send zeros
@@ -793,6 +803,7 @@ class ReplicaLink:
                 n = min(self._chunk, length - pos)
                 req = _Req(self, _WRITE, self._wctr, offset + pos, n, self._zero_buf[:n], n)
                 req.after = after
+                req.started = started
                 if pos + n == length:
                     req.then = then
                 await self._issue(req, end)
@@ -802,6 +813,7 @@ class ReplicaLink:
             for pos in range(0, length, ZERO_CHUNK):
                 req = _Req(self, op, ctr, offset + pos, min(ZERO_CHUNK, length - pos), None, 0)
                 req.after = after
+                req.started = started
                 if pos + ZERO_CHUNK >= length:
                     req.then = then
                 await self._issue(req, end)
@@ -981,6 +993,8 @@ class ReplicaLink:
         req.seq = seq = self._seq
         self._seq = seq + 1
         self._active[seq] = req
+        if req.started is not None:
+            req.started(req.offset, req.length)
         if req.op is not _FLUSH and self._index(req):
             self._held_back += 1
         elif hold:
