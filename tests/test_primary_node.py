@@ -11,6 +11,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 
 import pytest
 import trio
@@ -1168,6 +1169,83 @@ def test_a_good_flush_during_a_sync_keeps_tracking_what_the_sync_sends_after_it(
         assert sec.data == node.image.pread(0, SIZE)
 
     node = make_node(tmp_path, sec, replica_first=True, flush_interval=30, resync_rate=64 << 20)
+    trio.run(run_node, node, body)
+
+
+def test_after_a_good_flush_during_a_sync_only_what_the_sync_sent_since_is_sent_again(tmp_path, sec):
+    """The same, measured: a good flush halfway through the sync covers what
+    the sync sent before it began.  When the flush after the sync fails, the
+    resync after the reconnect sends what the sync sent after that good
+    flush began (by 64 KiB map grain), not the whole disk again."""
+    (tmp_path / "pri.img").write_bytes(b"\x09" * SIZE)
+
+    async def body(node):
+        await wait_state(node, st.P_SYNCING)
+        with trio.fail_after(20):
+            while node.sync.done < SIZE // 2:
+                await trio.sleep(0.005)
+        covered = node.sync.done  # sent, so covered by the flush that starts now
+        await node.disk_fsync()
+        assert node.state == st.P_SYNCING and node.flushes == 1, "the sync ended before the good flush"
+        fails, lost_at = _losing_fsync(sec, SIZE - 4096, 4096)
+        with trio.fail_after(20):
+            while not fails or node.state != st.P_REPLICATING:
+                await trio.sleep(0.01)
+        resent = node.sync.total  # the resync after the reconnect
+        await node.disk_fsync()
+        assert fails[:2] == [True, False], fails
+        assert lost_at == [b"\x09" * 4096]
+        assert sec.data == node.image.pread(0, SIZE)
+        assert 0 < resent <= SIZE - covered + (64 << 10), (resent, covered)
+
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=30, resync_rate=64 << 20)
+    trio.run(run_node, node, body)
+
+
+@pytest.mark.parametrize("replica_first", [True, False], ids=["replica-first", "replica-first-off"])
+def test_a_write_that_waits_for_the_link_while_a_flush_begins_is_sent_again_if_the_next_flush_fails(
+        tmp_path, sec, replica_first):
+    """A write waits for room on the link (here: one request at a time, the
+    one before it slow) while a flush begins, so that flush does not cover
+    it.  The flush succeeds, the next one fails on the secondary, whose
+    "kernel" dropped the waiting write: it must be sent again, so the
+    record of what is in doubt is made when a request starts, not before
+    it waits."""
+    slow_at, late_at = 2 * EXTENT, 6 * EXTENT + 4096
+    real = sec.stack.primary_write
+
+    def slow_write(buf, offset):
+        if offset == slow_at:
+            time.sleep(0.3)
+        real(buf, offset)
+
+    sec.stack.primary_write = slow_write
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_fsync()
+        node.link.max_requests = 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.disk_write, slow_at, b"s" * 4096)
+            with trio.fail_after(5):
+                while node.link.inflight_requests < 1:
+                    await trio.sleep(0)
+            nursery.start_soon(node.disk_write, late_at, b"L" * 8192)
+            await trio.sleep(0.05)
+            assert node.link.inflight_requests == 1, "the second write did not wait for the link"
+            await node.disk_fsync()  # begins while the second write waits
+        node.link.max_requests = 64
+        fails, lost_at = _losing_fsync(sec, late_at, 8192)
+        await node.disk_fsync()  # fails on the secondary
+        assert fails[:1] == [True] and node.state == st.P_DEGRADED
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_fsync()
+        assert fails[:2] == [True, False], fails
+        assert lost_at == [b"L" * 8192], "the secondary had not received the second write"
+        assert sec.data[late_at : late_at + 8192] == b"L" * 8192
+        assert sec.data == node.image.pread(0, SIZE)
+
+    node = make_node(tmp_path, sec, replica_first=replica_first, flush_interval=30)
     trio.run(run_node, node, body)
 
 

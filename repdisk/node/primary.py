@@ -155,10 +155,6 @@ class PrimaryNode:
         # next fsync may succeed over lost pages: the next flush treats this
         # as its own failure (repair from the secondary, or flushing breaks).
         self._sync_failure: RepdiskError | None = None
-        # Blocks a sync sent, or a running one may send, since the last good
-        # flush (None: none): if the secondary's next flush fails, they may
-        # not be on its disk.
-        self._synced_unflushed: bitarray | None = None
         # Flushes until the secondary's received map holds no replica-first
         # write: each sets it to the map's generations (recvmap.GENERATIONS).
         # (Other writes there are in logged extents, or in a sync, which is
@@ -171,14 +167,22 @@ class PrimaryNode:
         # began: while both still hold, every write since is on that link's
         # secondary, and a failed local fsync can be repaired from it.
         self._clean_flush: tuple | None = None
-        # Map grains written on the link since the latest flush began, and
-        # between the two latest flush starts: after a failed local fsync,
-        # what is in doubt (`_repair_from_replica`).  Plain bitarrays: a
-        # slice set per write, no method call on the write path.
+        # Map grains of the writes started on the link since the latest flush
+        # began, and between the two latest flush starts: after a failed
+        # local fsync, what is in doubt (`_repair_from_replica`); after a
+        # failed flush on the secondary, what to send again
+        # (`_resend_unflushed`).  Plain bitarrays: a slice set per request.
         grains = (image.size + (1 << GRAIN_SHIFT) - 1) >> GRAIN_SHIFT
         self._written, self._written_before = bitarray(grains), bitarray(grains)
         self._written.setall(0)
         self._written_before.setall(0)
+        # The same two generations for what a sync sent: if the secondary's
+        # flush fails, it may not be on its disk (`_resend_unflushed`).  Kept
+        # apart from `_written`, which bounds a repair of our own disk: a
+        # sync's data came from our disk and is no doubt there.
+        self._synced, self._synced_before = bitarray(grains), bitarray(grains)
+        self._synced.setall(0)
+        self._synced_before.setall(0)
         self.repair = Progress()  # the last repair from the replica
         self.repairs = 0
         self.repair_result: str | None = None
@@ -736,12 +740,6 @@ class PrimaryNode:
         # Until the sync is drained, what it cleared may not be on the secondary
         # yet: the persisted bitmap keeps it (see _persist).
         self._sync_base = dirty.bits.copy()
-        # _sync_base is only ever replaced, never changed in place, so the
-        # record may share it.
-        if self._synced_unflushed is None:
-            self._synced_unflushed = self._sync_base
-        else:
-            self._synced_unflushed |= self._sync_base
         try:
             await self._sync_loop(link, per, t0)
         except RepdiskError:
@@ -772,9 +770,9 @@ class PrimaryNode:
                 pieces = await trio.to_thread.run_sync(_read_extents, image, start, n)
                 for off, length, data in pieces:
                     if data is None:
-                        await link.zero(off, length, wait=False)
+                        await link.zero(off, length, wait=False, started=self._sync_started)
                     else:
-                        await link.write(data, off, wait=False)
+                        await link.write(data, off, wait=False, started=self._sync_started)
             except BaseException:
                 dirty.set(a, b)  # not (all) submitted: send it again later
                 raise
@@ -869,7 +867,6 @@ class PrimaryNode:
         self.writes_replica_first += 1
         self._flushes_owed = GENERATIONS
         g0, g1 = offset >> GRAIN_SHIFT, ((offset + len(buf) - 1) >> GRAIN_SHIFT) + 1
-        self._written[g0:g1] = 1
         self._rf_bytes += (g1 - g0) << GRAIN_SHIFT
         image = self.image
         mv = memoryview(buf)
@@ -883,9 +880,9 @@ class PrimaryNode:
 
         try:
             if is_zero(buf):
-                await link.zero(offset, len(buf), after=after)
+                await link.zero(offset, len(buf), after=after, started=self._write_started)
             else:
-                await link.write(buf, offset, after=after)
+                await link.write(buf, offset, after=after, started=self._write_started)
         except RepdiskError as e:
             # Not (all) taken by the secondary: our disk gets it now, logged
             # like any write while degraded; the range is resynced later.
@@ -950,7 +947,6 @@ class PrimaryNode:
             self.writes_marked += 1
             return
         self.writes_forwarded += 1
-        self._written[offset >> GRAIN_SHIFT : ((offset + len(buf) - 1) >> GRAIN_SHIFT) + 1] = 1
         # The request goes out first and the local write runs while the
         # secondary works: the link runs `then` when it starts the request, in
         # start order, so local writes keep the order of the wire.
@@ -967,9 +963,9 @@ class PrimaryNode:
         wait = self.mode == "sync"
         try:
             if is_zero(buf):
-                await link.zero(offset, len(buf), wait=wait, then=write_local)
+                await link.zero(offset, len(buf), wait=wait, then=write_local, started=self._write_started)
             else:
-                await link.write(buf, offset, wait=wait, then=write_local)
+                await link.write(buf, offset, wait=wait, then=write_local, started=self._write_started)
         except RepdiskError as e:
             # The VM's write is done locally (below if not yet); the range is
             # marked dirty.  Replication is degraded, not the VM.
@@ -984,6 +980,16 @@ class PrimaryNode:
             log.error("local write of %d bytes at %d failed after it was replicated; range marked for resync: %s",
                       len(buf), offset, local[0])
             raise local[0]
+
+    # The link runs these as each request starts: where it takes its place in
+    # the order a flush covers.  Marked any earlier (before a wait for
+    # admission), a flush that starts in between would not cover the request,
+    # yet the mark would leave with that flush's generation.
+    def _write_started(self, offset: int, length: int) -> None:
+        self._written[offset >> GRAIN_SHIFT : ((offset + length - 1) >> GRAIN_SHIFT) + 1] = 1
+
+    def _sync_started(self, offset: int, length: int) -> None:
+        self._synced[offset >> GRAIN_SHIFT : ((offset + length - 1) >> GRAIN_SHIFT) + 1] = 1
 
     def _forwardable(self, offset: int, length: int, b0: int, b1: int) -> bool:
         if self.state == st.P_REPLICATING:
@@ -1038,6 +1044,8 @@ class PrimaryNode:
             marked = self.writes_marked
             self._written, self._written_before = self._written_before, self._written
             self._written.setall(0)
+            self._synced, self._synced_before = self._synced_before, self._synced
+            self._synced.setall(0)
             remote = local = None
             try:
                 await link.settle()
@@ -1071,9 +1079,6 @@ class PrimaryNode:
                 self._link_failed(remote)
                 return remote
             self._clean_flush = (link, marked)
-            # A sync still running goes on sending after this flush: keep its
-            # base (what it has left, and what it sends meanwhile) in doubt.
-            self._synced_unflushed = self._sync_base
             self.flushes += 1
             return None
 
@@ -1099,11 +1104,11 @@ class PrimaryNode:
         down): what it received since the last good flush began may not be
         on its disk (its kernel reports a write-back error once; the next
         flush there may succeed).  Mark all of it for the resync that
-        follows the reconnect: the writes since then, by map grain, and what
-        a sync sent."""
-        self._mark_dirty(grain_ranges(self._written | self._written_before, GRAIN_SHIFT, self.size))
-        if self._synced_unflushed is not None:
-            self.dirty.bits |= self._synced_unflushed
+        follows the reconnect: what the writes and any sync sent since then,
+        by map grain (two generations: since the flush that failed began,
+        and between the two latest flush starts)."""
+        self._mark_dirty(grain_ranges(self._written | self._written_before | self._synced | self._synced_before,
+                                      GRAIN_SHIFT, self.size))
         log.warning("the secondary's flush failed (%s): what it received since the last good flush will be "
                     "sent again (%d bytes dirty now)", error, min(self.dirty.count() << self.geometry.shift,
                                                                    self.size))
