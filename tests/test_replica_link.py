@@ -559,6 +559,29 @@ def test_started_runs_for_each_piece_when_it_is_admitted(servers):
     run(main)
 
 
+def test_a_started_hook_that_raises_fails_the_link_and_reports_the_range(servers):
+    """`started` must not raise; if it does (a bug of ours), the request is
+    not sent, the link fails and the range goes to on_failure for a resync,
+    instead of a request nobody sends that settle() would wait for."""
+    server = servers(nbdkit(CHUNK))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            link = await open_link(nursery, server.uri)
+            failures = link.on_failure = Failures()
+
+            def bad(offset, length):
+                raise RuntimeError("bug")
+
+            with pytest.raises(ReplicaError, match="started"):
+                await link.write(b"a" * 4096, 8192, started=bad)
+            assert link.failed is not None and failures.ranges == [(8192, 4096)]
+            with pytest.raises(ReplicaError):
+                await link.settle()
+
+    run(main)
+
+
 def test_out_of_range_is_refused_without_failing_the_link(servers):
     server = servers(nbdkit(MiB))
 

@@ -994,7 +994,11 @@ class ReplicaLink:
         self._seq = seq + 1
         self._active[seq] = req
         if req.started is not None:
-            req.started(req.offset, req.length)
+            try:
+                req.started(req.offset, req.length)
+            except Exception as e:  # a caller's bug: the request's range goes to on_failure
+                self._fail(ReplicaError(f"the caller's started() failed: {e!r}"))
+                return
         if req.op is not _FLUSH and self._index(req):
             self._held_back += 1
         elif hold:
