@@ -1249,6 +1249,125 @@ def test_a_write_that_waits_for_the_link_while_a_flush_begins_is_sent_again_if_t
     trio.run(run_node, node, body)
 
 
+def _slow_fsync(image, seconds: float, failures: int = 0):
+    """`image.fsync` takes `seconds` (in its thread, so the node's other
+    tasks run meanwhile) and, the first `failures` times, then fails with
+    ENOSPC.  Returns the calls made (True: failed)."""
+    import errno
+
+    from repdisk.core.errors import IOFailure
+
+    real, calls = image.fsync, []
+
+    def fsync():
+        time.sleep(seconds)
+        calls.append(len(calls) < failures)
+        if calls[-1]:
+            raise IOFailure(f"fsync {image.path}", OSError(errno.ENOSPC, "No space left on device"))
+        real()
+
+    image.fsync = fsync
+    return calls
+
+
+@pytest.mark.parametrize("replica_first", [True, False], ids=["replica-first", "replica-first-off"])
+def test_a_write_during_a_repaired_flush_is_sent_again_if_the_next_flush_fails(tmp_path, sec, replica_first):
+    """A flush's NBD FLUSH succeeds and its local fsync fails, slowly; a write
+    starts meanwhile (that FLUSH need not cover it); the repair from the
+    secondary succeeds.  The next flush fails on the secondary, whose
+    "kernel" dropped that write: the repair must not have erased the record
+    of it, so it is sent again and the replica equals our disk."""
+    late_at = 6 * EXTENT + 4096
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_fsync()
+        calls = _slow_fsync(node.image, 0.5, failures=1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.disk_fsync)  # its local fsync fails after 0.5 s
+            with trio.fail_after(5):
+                while node._flush_lock.statistics().owner is None:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            await node.disk_write(late_at, b"L" * 8192)
+            assert not calls, "the flush ended before the write"
+        assert calls[:2] == [True, False] and node.status()["replica_first"]["repairs"] == 1
+        fails, lost_at = _losing_fsync(sec, late_at, 8192)
+        await node.disk_fsync()  # fails on the secondary
+        assert fails[:1] == [True] and node.state == st.P_DEGRADED
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_fsync()
+        assert lost_at == [b"L" * 8192], "the secondary had not received the write"
+        assert sec.data[late_at : late_at + 8192] == b"L" * 8192
+        assert sec.data == node.image.pread(0, SIZE)
+
+    node = make_node(tmp_path, sec, replica_first=replica_first, flush_interval=30)
+    trio.run(run_node, node, body)
+
+
+def test_a_flush_cancelled_before_the_secondary_answers_leaves_what_it_covers_in_doubt(tmp_path, sec):
+    """A flush is given up while the secondary is still at its fsync (a stop
+    gives the final flush 10 s), and that fsync then fails, having dropped a
+    write: the error reply ends the link.  With nobody left to handle the
+    reply, the flush must have marked what it was to cover for the resync
+    when it was cancelled; after the reconnect the replica equals our disk."""
+    at = 3 * EXTENT + 4096
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_fsync()
+        await node.disk_write(at, b"C" * 8192)
+        fails, lost_at = _losing_fsync(sec, at, 8192)
+        real = sec.stack.flush_replica
+
+        def slow_flush():
+            time.sleep(0.5)
+            real()
+
+        sec.stack.flush_replica = slow_flush
+        with trio.move_on_after(0.2) as scope:
+            await node.disk_fsync()
+        assert scope.cancelled_caught, "the flush was not cancelled"
+        await wait_state(node, st.P_DEGRADED)
+        assert fails[:1] == [True], "the secondary's fsync was not called"
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_fsync()
+        assert lost_at == [b"C" * 8192], "the secondary had not received the write"
+        assert sec.data[at : at + 8192] == b"C" * 8192
+        assert sec.data == node.image.pread(0, SIZE)
+
+    node = make_node(tmp_path, sec, replica_first=True, flush_interval=30)
+    trio.run(run_node, node, body)
+
+
+def test_an_fsync_that_waited_while_the_link_was_replaced_leaves_the_new_link_alone(tmp_path, sec):
+    """A VM fsync waits for its turn behind a slow flush while the link is
+    cut and a new one connects.  When its turn comes, the link it was for is
+    gone: it flushes the new link, and does not take it down."""
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        old = node.link
+        calls = _slow_fsync(node.image, 3.0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.disk_fsync)  # holds the flush lock for 3 s
+            await trio.sleep(0.1)
+            nursery.start_soon(node.disk_fsync)  # waits for it, with `old`
+            await trio.sleep(0.1)
+            old.abort("test: the connection was cut")
+            with trio.fail_after(10):
+                while node.link in (None, old) or node.state != st.P_REPLICATING:
+                    await trio.sleep(0.01)
+            new = node.link
+            assert not calls, "the first flush ended before the new link replicated"
+        assert len(calls) == 2, calls  # both fsyncs ran
+        assert node.link is new and new.failed is None and node.state == st.P_REPLICATING, node.error
+        assert node.flushes == 2  # the first on the old link, the second on the new one
+
+    node = make_node(tmp_path, sec, flush_interval=30)
+    trio.run(run_node, node, body)
+
+
 def test_an_fsync_that_fails_again_after_the_repair_breaks_flushing_for_good(tmp_path, sec):
     """When the fsync after the repair fails too, our disk stays in doubt:
     every later fsync of disk.img fails, no NBD FLUSH is sent (the secondary

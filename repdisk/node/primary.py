@@ -80,6 +80,11 @@ def is_zero(buf) -> bool:
     return buf == bytes(n)
 
 
+class LinkReplaced(RepdiskError):
+    """What `_flush` returns, having done nothing, when the link it was asked
+    to flush failed and was let go while the flush waited for its turn."""
+
+
 class PrimaryNode:
     role = "primary"
 
@@ -1004,23 +1009,29 @@ class PrimaryNode:
         on the secondary (`_flush`).  A failed flush degrades replication; a
         failed local fsync that cannot be repaired from the secondary fails
         the call."""
-        link = self.link
-        if link is None or link.failed is not None or self.state not in (st.P_REPLICATING, st.P_SYNCING):
-            if self._flush_broken is not None:
-                raise IOFailure(f"cannot flush: {self._flush_broken}", None)
-            try:
-                await trio.to_thread.run_sync(self.image.fsync)
-                if self._sync_failure is not None:  # reported to an earlier fdatasync, not to us
-                    raise self._sync_failure
-            except RepdiskError as e:
-                # No secondary holds the writes in doubt, so nothing can repair
-                # them, and the kernel reports a write-back error only once:
-                # every later fsync must fail too, not succeed over lost data.
-                self._break_flushing(f"flushing {self.image.path} failed while {self.state}: {e}; writes since "
-                                     "the last good flush may be lost and no secondary holds them")
-                raise
-            return
-        await self._flush(link)  # the secondary's failure degrades replication, not the VM
+        while True:
+            link = self.link
+            if link is None or link.failed is not None or self.state not in (st.P_REPLICATING, st.P_SYNCING):
+                return await self._fsync_alone()
+            # The secondary's failure degrades replication, not the VM.
+            if not isinstance(await self._flush(link), LinkReplaced):
+                return  # else the link changed while this waited its turn: look again
+
+    async def _fsync_alone(self) -> None:
+        """disk_fsync with no secondary to flush."""
+        if self._flush_broken is not None:
+            raise IOFailure(f"cannot flush: {self._flush_broken}", None)
+        try:
+            await trio.to_thread.run_sync(self.image.fsync)
+            if self._sync_failure is not None:  # reported to an earlier fdatasync, not to us
+                raise self._sync_failure
+        except RepdiskError as e:
+            # No secondary holds the writes in doubt, so nothing can repair
+            # them, and the kernel reports a write-back error only once:
+            # every later fsync must fail too, not succeed over lost data.
+            self._break_flushing(f"flushing {self.image.path} failed while {self.state}: {e}; writes since "
+                                 "the last good flush may be lost and no secondary holds them")
+            raise
 
     async def _flush(self, link) -> RepdiskError | None:
         """The flush protocol (repdisk.core.recvmap): one at a time; wait for
@@ -1033,11 +1044,16 @@ class PrimaryNode:
         no NBD FLUSH is sent again, so the secondary keeps their ranges in its
         received map.
         Raises a local failure; returns the secondary's (the link is then
-        failed and replication degraded), None when both flushed."""
+        failed and replication degraded), None when both flushed, and a
+        LinkReplaced, doing nothing, when `link` is no longer the node's link
+        once this flush's turn came (it failed and another may serve already:
+        flush that one, or our disk alone, `disk_fsync`)."""
         async with self._flush_lock:
             if self._flush_broken is not None:
                 raise IOFailure(f"cannot flush: {self._flush_broken}; restart the primary (it resyncs "
                                 "what the secondary received since)", None)
+            if link is not self.link:
+                return LinkReplaced(f"the link this flush was for is gone ({link.failed})")
             self._flushes_owed = max(0, self._flushes_owed - 1)
             self._rf_bytes = 0
             self._last_flush = trio.current_time()
@@ -1046,16 +1062,27 @@ class PrimaryNode:
             self._written.setall(0)
             self._synced, self._synced_before = self._synced_before, self._synced
             self._synced.setall(0)
-            remote = local = None
+            return await self._flush_both(link, marked)
+
+    async def _flush_both(self, link, marked: int) -> RepdiskError | None:
+        """`_flush` once its generations turned: both disks, then the outcome.
+        Cancelled before the outcome is handled (the link's tasks are
+        cancelled when it fails, a stop gives up after 10 s), it leaves
+        nothing in doubt behind: what the secondary may not hold is marked
+        for the resync, a failed local fsync is kept for the next flush."""
+        remote = local = None
+        remote_ok = False
+        try:
             try:
                 await link.settle()
             except RepdiskError as e:  # the link failed: our own fsync still runs
                 remote = e
 
             async def flush_remote():
-                nonlocal remote
+                nonlocal remote, remote_ok
                 try:
                     await link.flush()
+                    remote_ok = True
                 except RepdiskError as e:
                     remote = e
 
@@ -1066,21 +1093,33 @@ class PrimaryNode:
                     await trio.to_thread.run_sync(self.image.fsync)
                 except RepdiskError as e:
                     local = e
-            if remote is not None:
-                self._resend_unflushed(remote)
-            if local is None and self._sync_failure is not None:
-                local = self._sync_failure  # the kernel told an fdatasync since, not this fsync
+        except BaseException:
+            if not remote_ok:
+                self._resend_unflushed(remote or "no reply: the flush was cancelled")
             if local is not None:
-                self._sync_failure = None  # handled here: repaired, or flushing breaks
-            if local is not None and (remote is not None or not await self._repair_from_replica(link, local)):
+                self._note_sync_failure(local)
+            raise
+        if remote is not None:
+            self._resend_unflushed(remote)
+        if local is None and self._sync_failure is not None:
+            local = self._sync_failure  # the kernel told an fdatasync since, not this fsync
+        if local is not None:
+            self._sync_failure = None  # handled here: repaired, or flushing breaks
+            try:
+                repaired = remote is None and await self._repair_from_replica(link, local)
+            except BaseException:
+                self._note_sync_failure(local)
+                raise
+            if not repaired:
                 self._break_flushing(f"flushing {self.image.path} failed: {local}")
                 raise local
-            if remote is not None:
+        if remote is not None:
+            if link is self.link:  # else its own end already reported it, and another may serve
                 self._link_failed(remote)
-                return remote
-            self._clean_flush = (link, marked)
-            self.flushes += 1
-            return None
+            return remote
+        self._clean_flush = (link, marked)
+        self.flushes += 1
+        return None
 
     def _break_flushing(self, why: str) -> None:
         """A local flush failed and cannot be made good: every later fsync of
@@ -1161,8 +1200,9 @@ class PrimaryNode:
                                   f"is on this secondary: {self.repair_refused}")
             log.error("%s", self.repair_result)
             return False
+        # (The marks stay: writes started since this flush began may not be
+        # on the secondary's disk yet, if its next flush fails.)
         doubt = grain_ranges(self._written | self._written_before, GRAIN_SHIFT, self.size)
-        self._written.setall(0)  # writes from now on stay dirty until the final fsync
         pieces = [(pos, min(REPAIR_PIECE, off + length - pos))
                   for off, length in doubt for pos in range(off, off + length, REPAIR_PIECE)]
         checked = sum(n for _, n in pieces)
