@@ -807,6 +807,17 @@ def _losing_fsync(sec, lost: int, length: int):
     return calls, kept
 
 
+async def _resent_after_reconnect(node, sec, lost_at: list, at: int, data: bytes) -> None:
+    """After a failed flush on the secondary that dropped `data` at `at`
+    (`_losing_fsync`): once reconnected, the replica has it back and equals
+    our disk."""
+    await wait_state(node, st.P_REPLICATING)
+    await node.disk_fsync()
+    assert lost_at == [data], "the secondary had not received the write"
+    assert sec.data[at : at + len(data)] == data
+    assert sec.data == node.image.pread(0, SIZE)
+
+
 def test_a_repair_reads_at_most_64_pieces_or_32_mib_at_once():
     from repdisk.node.primary import REPAIR_BATCH, REPAIR_BATCH_BYTES, batches
 
@@ -1238,12 +1249,8 @@ def test_a_write_that_waits_for_the_link_while_a_flush_begins_is_sent_again_if_t
         fails, lost_at = _losing_fsync(sec, late_at, 8192)
         await node.disk_fsync()  # fails on the secondary
         assert fails[:1] == [True] and node.state == st.P_DEGRADED
-        await wait_state(node, st.P_REPLICATING)
-        await node.disk_fsync()
+        await _resent_after_reconnect(node, sec, lost_at, late_at, b"L" * 8192)
         assert fails[:2] == [True, False], fails
-        assert lost_at == [b"L" * 8192], "the secondary had not received the second write"
-        assert sec.data[late_at : late_at + 8192] == b"L" * 8192
-        assert sec.data == node.image.pread(0, SIZE)
 
     node = make_node(tmp_path, sec, replica_first=replica_first, flush_interval=30)
     trio.run(run_node, node, body)
@@ -1295,11 +1302,7 @@ def test_a_write_during_a_repaired_flush_is_sent_again_if_the_next_flush_fails(t
         fails, lost_at = _losing_fsync(sec, late_at, 8192)
         await node.disk_fsync()  # fails on the secondary
         assert fails[:1] == [True] and node.state == st.P_DEGRADED
-        await wait_state(node, st.P_REPLICATING)
-        await node.disk_fsync()
-        assert lost_at == [b"L" * 8192], "the secondary had not received the write"
-        assert sec.data[late_at : late_at + 8192] == b"L" * 8192
-        assert sec.data == node.image.pread(0, SIZE)
+        await _resent_after_reconnect(node, sec, lost_at, late_at, b"L" * 8192)
 
     node = make_node(tmp_path, sec, replica_first=replica_first, flush_interval=30)
     trio.run(run_node, node, body)
@@ -1330,11 +1333,7 @@ def test_a_flush_cancelled_before_the_secondary_answers_leaves_what_it_covers_in
         assert scope.cancelled_caught, "the flush was not cancelled"
         await wait_state(node, st.P_DEGRADED)
         assert fails[:1] == [True], "the secondary's fsync was not called"
-        await wait_state(node, st.P_REPLICATING)
-        await node.disk_fsync()
-        assert lost_at == [b"C" * 8192], "the secondary had not received the write"
-        assert sec.data[at : at + 8192] == b"C" * 8192
-        assert sec.data == node.image.pread(0, SIZE)
+        await _resent_after_reconnect(node, sec, lost_at, at, b"C" * 8192)
 
     node = make_node(tmp_path, sec, replica_first=True, flush_interval=30)
     trio.run(run_node, node, body)
