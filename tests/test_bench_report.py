@@ -234,6 +234,9 @@ def test_the_1_tib_write_row_says_what_the_primarys_flushes_did():
                                  "flush is on this secondary: the primary is degraded, not replicating",
                        "refused": "the primary is degraded, not replicating"},
             "state": "degraded", "writes_marked_dirty": 12}},
+        {**base, "write_iops": 1600.0, "flushes": {
+            "flushes": 66, "repairs": 0, "flush_broken": None, "state": "replicating", "writes_marked_dirty": 2080,
+            "link_lost": ["flush failed: server replied ENOSPC (No space left on device)"]}},
     ], "errors": []}}}}
     res["meta"] = {"started": "x", "git": "g", "quick": False, "config": {"reps": 3}, "cpus": 2,
                    "kernel": "k", "qemu": "q", "repdisk": True}
@@ -241,4 +244,20 @@ def test_the_1_tib_write_row_says_what_the_primarys_flushes_did():
     line = next(ln for ln in text.splitlines() if ln.startswith("rand 4 KiB writes, 1 TiB disk"))
     assert "[62 flushes; 60 flushes, 1 repaired (writes held 0.12 s); 7 flushes, flushing broken: ENOSPC; " \
            "9 flushes, flushing broken (no repair: the primary is degraded, not replicating), " \
-           "12 writes only marked for a resync, ended degraded]" in line
+           "12 writes only marked for a resync, ended degraded; 66 flushes, 2080 writes only marked for a " \
+           "resync (secondary lost: flush failed: server replied ENOSPC (No space left on device))]" in line
+
+
+def test_link_losses_are_read_from_the_primary_log_each_reason_once():
+    log = "\n".join([
+        "2026-12-06 10:00:00 INFO connected to secondary nbd+unix:///?socket=/s.sock",
+        "2026-12-06 10:00:01 WARNING secondary lost: nbd+unix:///repdisk:disk=ab:gen=cd?socket=/s.sock: flush "
+        "failed: server replied ENOSPC (No space left on device); tracking changed blocks from now on",
+        "2026-12-06 10:00:09 WARNING secondary lost: nbd+unix:///repdisk:disk=ab:gen=ef?socket=/s.sock: flush "
+        "failed: server replied ENOSPC (No space left on device); tracking changed blocks from now on",
+        "2026-12-06 10:00:30 WARNING secondary lost: replica link to nbd://127.0.0.1:1: no reply for 30 s "
+        "with 4 requests in flight; tracking changed blocks from now on",
+    ])
+    assert report.link_losses(log) == ["flush failed: server replied ENOSPC (No space left on device)",
+                                       "no reply for 30 s with 4 requests in flight"]
+    assert report.link_losses("nothing here\n") == []

@@ -460,6 +460,9 @@ def section_nodes(cfg: Config, work: str, res: dict, have_repdisk: bool):
                         # resync makes a repair impossible until the next flush
                         row["flushes"].update(state=ps["state"], writes_marked_dirty=ps["writes_marked_dirty"],
                                               reconnect=ps.get("reconnect"))
+                        if ps["writes_marked_dirty"]:  # why, before the work dir goes
+                            with open(pair.procs["primary"].logpath, errors="replace") as f:
+                                row["flushes"]["link_lost"] = report.link_losses(f.read())
                         log(f"  primary: {report.flush_note([row])}")
                         if rf.get("flush_broken"):  # what led there, before the work dir goes
                             row["flushes"]["primary_log"] = pair.procs["primary"].tail(30)

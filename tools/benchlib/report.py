@@ -28,6 +28,23 @@ def _first_error(errors: list[str]) -> str | None:
     return errors[0] if errors else None
 
 
+def link_losses(primary_log: str) -> list[str]:
+    """Why the primary lost its secondary, from its log ("secondary lost:
+    URI: reason; tracking ..."), each reason once, in order: the status
+    forgets it once the link is back."""
+    out: list[str] = []
+    for line in primary_log.splitlines():
+        _, sep, rest = line.partition("secondary lost: ")
+        if not sep:
+            continue
+        reason = rest.split("; tracking changed blocks", 1)[0]
+        if reason.startswith(("nbd", "replica link to ")):  # the URI first
+            reason = reason.split(": ", 1)[-1]
+        if reason not in out:
+            out.append(reason)
+    return out
+
+
 def flush_note(runs: list[dict]) -> str:
     """The primary's flushes in the 1 TiB write runs, per run: how many, and
     any failed local fsync (repaired from the secondary, or for good)."""
@@ -46,6 +63,8 @@ def flush_note(runs: list[dict]) -> str:
                                            f": {f['flush_broken'].rsplit(': ', 1)[-1]}")
         if f.get("writes_marked_dirty"):
             text += f", {f['writes_marked_dirty']} writes only marked for a resync"
+        if f.get("link_lost"):
+            text += f" (secondary lost: {'; '.join(f['link_lost'])})"
         if f.get("state") not in (None, "replicating"):
             text += f", ended {f['state']}"
         parts.append(text)
