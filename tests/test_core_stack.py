@@ -430,3 +430,37 @@ def test_a_file_system_without_o_direct_gets_page_cache_writes(tmp_path, monkeyp
     assert einvals == [0] and img.direct_bytes == 0 and img._direct_fd == -1
     assert img.pread(0, 2 * DIRECT_MIN) == b"\3" * DIRECT_MIN + b"\4" * DIRECT_MIN
     img.close()
+
+
+def test_overlays_on_another_file_system_still_copy_before_write_and_commit(tmp_path):
+    """`--state-dir` may put the overlays on another file system than the
+    replica (here tmpfs): copy_file_range refuses that (EXDEV since Linux
+    5.19), and the copies fall back to reading and writing."""
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system at /dev/shm")
+    other = os.path.join(shm, f"repdisk-test-{os.getpid()}")
+    os.mkdir(other)
+    try:
+        size = 64 * BS + 100  # a short last block
+        initial = bytes(range(256)) * (size // 256) + b"\xee" * (size % 256)
+        path = os.path.join(tmp_path, "replica.img")
+        with open(path, "wb") as f:
+            f.write(initial)
+        stack = SecondaryStack(RawImage.open(path, size), os.path.join(other, "h"), os.path.join(other, "a"), BS)
+        view = bytearray(initial)
+        stack.primary_write(b"P" * (3 * BS), 5 * BS)  # copy before write, across file systems
+        stack.primary_write(b"Q" * 150, size - 150)
+        stack.view_write(b"V" * 700, 20 * BS + 3)
+        view[20 * BS + 3 : 20 * BS + 703] = b"V" * 700
+        assert stack.view_read(0, size) == bytes(view)
+        for layer, first, end in stack.commit_chunks(max_bytes=8 * BS):
+            stack.commit_copy(layer, first, end)
+            stack.commit_done(layer, first, end)
+        stack.finish_commit()
+        with open(path, "rb") as f:
+            assert f.read() == bytes(view)
+        assert stack.view_read(0, size) == bytes(view)
+    finally:
+        shutil.rmtree(other)
+

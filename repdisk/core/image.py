@@ -88,6 +88,21 @@ def _bounce_buffer(n: int) -> memoryview:
     return memoryview(buf)[:n]
 
 
+COPY_PIECE = 1 << 20  # bytes per pread/pwrite when copy_file_range cannot copy
+# copy_file_range cannot copy between these two files (another file system,
+# a file system without it): copy with pread/pwrite.
+_NO_COPY_RANGE = (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def _copy_piece(src: int, dst: int, pos: int, n: int) -> bytes:
+    """Copy up to n bytes at pos from src to dst; returns what was read."""
+    data = os.pread(src, n, pos)
+    done = 0
+    while done < len(data):
+        done += os.pwrite(dst, memoryview(data)[done:], pos + done)
+    return data
+
+
 class RawImage:
     """A raw image file opened read-write."""
 
@@ -98,6 +113,9 @@ class RawImage:
         self._direct_fd = -1
         self._direct_ok = True
         self.direct_bytes = 0  # written with O_DIRECT (status, tests)
+        # Destinations copy_file_range refused (path -> True): copy_to reads
+        # and writes instead.
+        self._copy_by_reading: dict[str, bool] = {}
 
     @classmethod
     def open(cls, path: str, size: int | None = None) -> "RawImage":
@@ -262,12 +280,23 @@ class RawImage:
             pass
 
     def copy_to(self, dst: "RawImage", offset: int, length: int) -> None:
-        """Copy [offset, offset+length) into `dst` at the same offset (copy_file_range)."""
+        """Copy [offset, offset+length) into `dst` at the same offset
+        (copy_file_range; pread/pwrite where the kernel cannot copy between
+        the two files, e.g. on two file systems: EXDEV since Linux 5.19)."""
         end = offset + length
         pos = offset
         try:
             while pos < end:
-                n = os.copy_file_range(self.fd, dst.fd, end - pos, pos, pos)
+                if self._copy_by_reading.get(dst.path):
+                    n = len(_copy_piece(self.fd, dst.fd, pos, min(end - pos, COPY_PIECE)))
+                else:
+                    try:
+                        n = os.copy_file_range(self.fd, dst.fd, end - pos, pos, pos)
+                    except OSError as e:
+                        if e.errno not in _NO_COPY_RANGE:
+                            raise
+                        self._copy_by_reading[dst.path] = True
+                        continue
                 if n == 0:  # source shorter than expected: the rest is zeros
                     dst.punch(pos, end - pos)
                     break
