@@ -464,3 +464,20 @@ def test_overlays_on_another_file_system_still_copy_before_write_and_commit(tmp_
     finally:
         shutil.rmtree(other)
 
+
+def test_a_view_fsync_during_the_failover_commit_flushes_the_replica_too(tmp_path):
+    """While the commit runs, part of the view is in the replica already:
+    the VM's fsync must flush it, not only the overlays."""
+    stack = make_stack(str(tmp_path), 16 * BS)
+    stack.view_write(b"a" * BS, 0)
+    calls = []
+    real = stack.replica.fsync
+    stack.replica.fsync = lambda: (calls.append(stack.committing), real())
+    stack.flush_view()
+    assert calls == []  # not committing: the overlays hold the view's writes
+    chunks = stack.commit_chunks()
+    layer, first, end = next(chunks)
+    stack.commit_copy(layer, first, end)
+    stack.commit_done(layer, first, end)
+    stack.flush_view()
+    assert calls == [True]

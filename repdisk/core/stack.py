@@ -159,12 +159,16 @@ class SecondaryStack:
         self.replica.fsync()
 
     def flush_view(self) -> None:
-        """fsync of the view (blocking)."""
+        """fsync of the view (blocking).  During a failover commit the view
+        is partly in the replica already (committed chunks, and writes to
+        blocks no overlay holds): the replica too."""
         if self.standalone:
             self.replica.fsync()
-        else:
-            self.active.file.fsync()
-            self.hidden.file.fsync()
+            return
+        self.active.file.fsync()
+        self.hidden.file.fsync()
+        if self.committing:
+            self.replica.fsync()
 
     # ---- checkpoint and failover ---------------------------------------------
 

@@ -228,6 +228,9 @@ class SecondaryNode:
         self.commit.start(self.stack.commit_pending)
         try:
             await self._commit()
+            # The view lives in the replica from now on: what the VM flushed
+            # into the overlays must be durable there before they go.
+            await trio.to_thread.run_sync(self.stack.flush_replica)
         except Exception as e:
             self._event("commit_failed")
             self.error = f"failover commit failed (view unchanged, retry with 'failover'): {e}"
@@ -236,6 +239,7 @@ class SecondaryNode:
         finally:
             self._commit_range = None
             self._commit_moved.set()
+            self._commit_moved = trio.Event()  # a retry's writes must wait, not spin on a set event
         with self.io_lock:
             self.stack.finish_commit()
         # From now on this disk takes writes the primary does not get.
