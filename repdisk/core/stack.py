@@ -220,11 +220,6 @@ class SecondaryStack:
             start, n = geo.byte_range(first + a, first + b)
             layer.file.copy_to(self.replica, start, n)
             copied += n
-        if copied:
-            # The commit ends with an fsync of the replica: let the disk
-            # write this window while the next one is copied.
-            start, n = geo.byte_range(first, end)
-            self.replica.write_back_soon(start, n)
         return copied
 
     def commit_done(self, layer: Overlay, first: int, end: int) -> None:
