@@ -1299,6 +1299,7 @@ def test_a_write_during_a_repaired_flush_is_sent_again_if_the_next_flush_fails(t
             await node.disk_write(late_at, b"L" * 8192)
             assert not calls, "the flush ended before the write"
         assert calls[:2] == [True, False] and node.status()["replica_first"]["repairs"] == 1
+        del node.image.fsync  # the real one again: a slow fsync would let the reconnect pass the check below
         fails, lost_at = _losing_fsync(sec, late_at, 8192)
         await node.disk_fsync()  # fails on the secondary
         assert fails[:1] == [True] and node.state == st.P_DEGRADED
