@@ -94,15 +94,6 @@ COPY_PIECE = 1 << 20  # bytes per pread/pwrite when copy_file_range cannot copy
 _NO_COPY_RANGE = (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
-def _copy_piece(src: int, dst: int, pos: int, n: int) -> bytes:
-    """Copy up to n bytes at pos from src to dst; returns what was read."""
-    data = os.pread(src, n, pos)
-    done = 0
-    while done < len(data):
-        done += os.pwrite(dst, memoryview(data)[done:], pos + done)
-    return data
-
-
 class RawImage:
     """A raw image file opened read-write."""
 
@@ -113,9 +104,8 @@ class RawImage:
         self._direct_fd = -1
         self._direct_ok = True
         self.direct_bytes = 0  # written with O_DIRECT (status, tests)
-        # Destinations copy_file_range refused (path -> True): copy_to reads
-        # and writes instead.
-        self._copy_by_reading: dict[str, bool] = {}
+        # Destinations copy_file_range refused: copy_to reads and writes instead.
+        self._copy_by_reading: set[str] = set()
 
     @classmethod
     def open(cls, path: str, size: int | None = None) -> "RawImage":
@@ -287,16 +277,18 @@ class RawImage:
         pos = offset
         try:
             while pos < end:
-                if self._copy_by_reading.get(dst.path):
-                    n = len(_copy_piece(self.fd, dst.fd, pos, min(end - pos, COPY_PIECE)))
-                else:
-                    try:
-                        n = os.copy_file_range(self.fd, dst.fd, end - pos, pos, pos)
-                    except OSError as e:
-                        if e.errno not in _NO_COPY_RANGE:
-                            raise
-                        self._copy_by_reading[dst.path] = True
-                        continue
+                if dst.path in self._copy_by_reading:
+                    n = min(end - pos, COPY_PIECE)
+                    dst.pwrite(self.pread(pos, n), pos)  # pread: zeros past our end
+                    pos += n
+                    continue
+                try:
+                    n = os.copy_file_range(self.fd, dst.fd, end - pos, pos, pos)
+                except OSError as e:
+                    if e.errno not in _NO_COPY_RANGE:
+                        raise
+                    self._copy_by_reading.add(dst.path)
+                    continue
                 if n == 0:  # source shorter than expected: the rest is zeros
                     dst.punch(pos, end - pos)
                     break
