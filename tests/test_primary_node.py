@@ -11,7 +11,7 @@ import re
 import shutil
 import sys
 import tempfile
-import time
+import threading
 
 import pytest
 import trio
@@ -84,10 +84,14 @@ def make_node(tmp_path, sec, **kw):
                        meta_path=str(tmp_path / "pri.img.meta"), al_path=str(tmp_path / "pri.img.al"), **kw)
 
 
-async def wait_state(node, state, timeout=20):
+async def until(cond, timeout=20):
     with trio.fail_after(timeout):
-        while node.state != state:
-            await trio.sleep(0.01)
+        while not cond():
+            await trio.sleep(0.005)
+
+
+async def wait_state(node, state, timeout=20):
+    await until(lambda: node.state == state, timeout)
 
 
 async def run_node(node, body):
@@ -1223,28 +1227,29 @@ def test_a_write_that_waits_for_the_link_while_a_flush_begins_is_sent_again_if_t
     record of what is in doubt is made when a request starts, not before
     it waits."""
     slow_at, late_at = 2 * EXTENT, 6 * EXTENT + 4096
-    real = sec.stack.primary_write
+    real, release = sec.stack.primary_write, threading.Event()
 
-    def slow_write(buf, offset):
+    def held_write(buf, offset):
         if offset == slow_at:
-            time.sleep(0.3)
+            release.wait(10)  # until the flush has begun
         real(buf, offset)
 
-    sec.stack.primary_write = slow_write
+    sec.stack.primary_write = held_write
 
     async def body(node):
         await wait_state(node, st.P_REPLICATING)
         await node.disk_fsync()
         node.link.max_requests = 1
+        forwarded = node.writes_forwarded
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node.disk_write, slow_at, b"s" * 4096)
-            with trio.fail_after(5):
-                while node.link.inflight_requests < 1:
-                    await trio.sleep(0)
+            await until(lambda: node.link.inflight_requests == 1)
             nursery.start_soon(node.disk_write, late_at, b"L" * 8192)
-            await trio.sleep(0.05)
+            await until(lambda: node.writes_forwarded == forwarded + 2)
             assert node.link.inflight_requests == 1, "the second write did not wait for the link"
-            await node.disk_fsync()  # begins while the second write waits
+            nursery.start_soon(node.disk_fsync)  # begins while the second write waits
+            await until(node._flush_lock.locked)
+            release.set()
         node.link.max_requests = 64
         fails, lost_at = _losing_fsync(sec, late_at, 8192)
         await node.disk_fsync()  # fails on the secondary
@@ -1256,25 +1261,29 @@ def test_a_write_that_waits_for_the_link_while_a_flush_begins_is_sent_again_if_t
     trio.run(run_node, node, body)
 
 
-def _slow_fsync(image, seconds: float, failures: int = 0):
-    """`image.fsync` takes `seconds` (in its thread, so the node's other
-    tasks run meanwhile) and, the first `failures` times, then fails with
-    ENOSPC.  Returns the calls made (True: failed)."""
+def _held_fsync(image, failures: int = 0):
+    """`image.fsync`'s first call waits (in its thread, so the node's other
+    tasks run meanwhile) until the test sets `release`; the first
+    `failures` calls then fail with ENOSPC.  Returns (the calls made, True:
+    failed; `entered`, set once the first call began; `release`)."""
     import errno
 
     from repdisk.core.errors import IOFailure
 
     real, calls = image.fsync, []
+    entered, release = threading.Event(), threading.Event()
 
     def fsync():
-        time.sleep(seconds)
+        if not entered.is_set():
+            entered.set()
+            release.wait(10)
         calls.append(len(calls) < failures)
         if calls[-1]:
             raise IOFailure(f"fsync {image.path}", OSError(errno.ENOSPC, "No space left on device"))
         real()
 
     image.fsync = fsync
-    return calls
+    return calls, entered, release
 
 
 @pytest.mark.parametrize("replica_first", [True, False], ids=["replica-first", "replica-first-off"])
@@ -1289,17 +1298,14 @@ def test_a_write_during_a_repaired_flush_is_sent_again_if_the_next_flush_fails(t
     async def body(node):
         await wait_state(node, st.P_REPLICATING)
         await node.disk_fsync()
-        calls = _slow_fsync(node.image, 0.5, failures=1)
+        calls, entered, release = _held_fsync(node.image, failures=1)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(node.disk_fsync)  # its local fsync fails after 0.5 s
-            with trio.fail_after(5):
-                while node._flush_lock.statistics().owner is None:
-                    await trio.sleep(0.01)
-            await trio.sleep(0.1)
+            nursery.start_soon(node.disk_fsync)  # its local fsync fails once released
+            await until(entered.is_set)
             await node.disk_write(late_at, b"L" * 8192)
             assert not calls, "the flush ended before the write"
+            release.set()
         assert calls[:2] == [True, False] and node.status()["replica_first"]["repairs"] == 1
-        del node.image.fsync  # the real one again: a slow fsync would let the reconnect pass the check below
         fails, lost_at = _losing_fsync(sec, late_at, 8192)
         await node.disk_fsync()  # fails on the secondary
         assert fails[:1] == [True] and node.state == st.P_DEGRADED
@@ -1322,15 +1328,25 @@ def test_a_flush_cancelled_before_the_secondary_answers_leaves_what_it_covers_in
         await node.disk_fsync()
         await node.disk_write(at, b"C" * 8192)
         fails, lost_at = _losing_fsync(sec, at, 8192)
-        real = sec.stack.flush_replica
+        real, entered, release = sec.stack.flush_replica, threading.Event(), threading.Event()
 
-        def slow_flush():
-            time.sleep(0.5)
+        def held_flush():
+            entered.set()
+            release.wait(10)  # until the primary gave up on it
             real()
 
-        sec.stack.flush_replica = slow_flush
-        with trio.move_on_after(0.2) as scope:
-            await node.disk_fsync()
+        sec.stack.flush_replica = held_flush
+        scope = trio.CancelScope()
+
+        async def fsync():
+            with scope:
+                await node.disk_fsync()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fsync)
+            await until(entered.is_set)
+            scope.cancel()  # as a stop does after 10 s
+        release.set()
         assert scope.cancelled_caught, "the flush was not cancelled"
         await wait_state(node, st.P_DEGRADED)
         assert fails[:1] == [True], "the secondary's fsync was not called"
@@ -1348,18 +1364,16 @@ def test_an_fsync_that_waited_while_the_link_was_replaced_leaves_the_new_link_al
     async def body(node):
         await wait_state(node, st.P_REPLICATING)
         old = node.link
-        calls = _slow_fsync(node.image, 3.0)
+        calls, entered, release = _held_fsync(node.image)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(node.disk_fsync)  # holds the flush lock for 3 s
-            await trio.sleep(0.1)
+            nursery.start_soon(node.disk_fsync)  # holds the flush lock until released
+            await until(entered.is_set)
             nursery.start_soon(node.disk_fsync)  # waits for it, with `old`
-            await trio.sleep(0.1)
+            await until(lambda: node._flush_lock.statistics().tasks_waiting == 1)
             old.abort("test: the connection was cut")
-            with trio.fail_after(10):
-                while node.link in (None, old) or node.state != st.P_REPLICATING:
-                    await trio.sleep(0.01)
+            await until(lambda: node.link not in (None, old) and node.state == st.P_REPLICATING, 10)
             new = node.link
-            assert not calls, "the first flush ended before the new link replicated"
+            release.set()
         assert len(calls) == 2, calls  # both fsyncs ran
         assert node.link is new and new.failed is None and node.state == st.P_REPLICATING, node.error
         assert node.flushes == 2  # the first on the old link, the second on the new one

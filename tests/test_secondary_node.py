@@ -2,7 +2,6 @@
 commit against a real stack on real files."""
 
 import threading
-import time
 
 import pytest
 import trio
@@ -54,13 +53,13 @@ def test_a_failover_retried_after_a_failed_commit_makes_a_waiting_write_wait(tmp
     stack = node.stack
     stack.view_write(b"a" * (8 << 20), 0)
     real_copy = stack.commit_copy
-    copies = []
+    copies, release = [], threading.Event()
 
     def copy(*args):
         copies.append(threading.get_ident())
         if len(copies) == 1:
             raise IOFailure("copy", OSError(5, "Input/output error"))
-        time.sleep(0.3)  # in its thread: the write below waits meanwhile
+        release.wait(10)  # in its thread, until the write below is waiting
         return real_copy(*args)
 
     stack.commit_copy = copy
@@ -75,7 +74,10 @@ def test_a_failover_retried_after_a_failed_commit_makes_a_waiting_write_wait(tmp
             nursery.start_soon(node.failover)
             while node._commit_range is None:
                 await trio.sleep(0.01)
-            await node.disk_write(4096, b"w" * 4096)  # in the chunk being copied
+            nursery.start_soon(node.disk_write, 4096, b"w" * 4096)  # in the chunk being copied
+            while not checks:
+                await trio.sleep(0.01)
+            release.set()
         assert node.stack.standalone
 
     trio.run(main)
