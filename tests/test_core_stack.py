@@ -93,6 +93,10 @@ class StackMachine(RuleBasedStateMachine):
         self.stack.primary_zero(off, n)
         self.model.primary_zero(off, n)
 
+    def _view_write(self, buf, off):
+        self.stack.view_write(buf, off)
+        self.model.secondary_write(off, buf)
+
     @rule(data=hs.data())
     def secondary_write(self, data):
         off, n = data.draw(ranges(self.size))
@@ -123,22 +127,34 @@ class StackMachine(RuleBasedStateMachine):
         self.model.checkpoint()
         assert self.stack.hidden.used_bytes == 0 and self.stack.active.used_bytes == 0
 
-    @rule(interleave=hs.lists(ranges(64 * BS), max_size=3))
+    @rule(data=hs.data(), window_blocks=hs.integers(1, 4), window_span=hs.integers(1, 16))
     @precondition(lambda self: not self.model.failed_over)
-    def failover(self, interleave):
-        # Secondary writes may land between commit chunks.
-        chunks = self.stack.commit_chunks(max_bytes=BS)
-        for layer, a, b in chunks:
-            self.stack.commit_copy(layer, a, b)
-            self.stack.commit_done(layer, a, b)
-            if interleave:
-                off, n = interleave.pop()
-                off, n = off % self.size, min(n, self.size - off % self.size)
-                if n:
-                    buf = self._data(n)
-                    self.stack.view_write(buf, off)
-                    self.model.secondary_write(off, buf)
-                assert self.stack.view_read(0, self.size) == bytes(self.model.view)
+    def failover(self, data, window_blocks, window_span):
+        # Secondary writes land while windows are copied, as the node lets
+        # them: before the copy, after it, or after the window is done; a
+        # write that touches a block being copied waits until it is done.
+        windows = self.stack.commit_windows(max_bytes=BS * window_blocks, max_span=BS * window_span)
+        for i, w in enumerate(windows):
+            assert w.held.count() <= window_blocks and w.end - w.first <= window_span
+            # (a write may give active blocks to commit: a few, so that the commit ends)
+            when = data.draw(hs.sampled_from(["none", "before copy", "after copy", "after done"])) if i < 6 else "none"
+            if data.draw(hs.booleans()):
+                off, n = data.draw(ranges(self.size))
+            else:  # from inside the window to past its end
+                off = data.draw(hs.integers(w.first * BS, min(w.end * BS, self.size) - 1))
+                n = min(data.draw(hs.integers(1, 4 * BS)), self.size - off)
+            buf = self._data(n)
+            if when != "none" and w.touches(*self.stack.geometry.blocks(off, n)):
+                when = "after done"
+            if when == "before copy":
+                self._view_write(buf, off)
+            self.stack.commit_copy(w)
+            if when == "after copy":
+                self._view_write(buf, off)
+            self.stack.commit_done(w)
+            if when == "after done":
+                self._view_write(buf, off)
+            assert self.stack.view_read(0, self.size) == bytes(self.model.view)
         self.stack.finish_commit()
         self.model.failover()
 
@@ -454,9 +470,9 @@ def test_overlays_on_another_file_system_still_copy_before_write_and_commit(tmp_
         stack.view_write(b"V" * 700, 20 * BS + 3)
         view[20 * BS + 3 : 20 * BS + 703] = b"V" * 700
         assert stack.view_read(0, size) == bytes(view)
-        for layer, first, end in stack.commit_chunks(max_bytes=8 * BS):
-            stack.commit_copy(layer, first, end)
-            stack.commit_done(layer, first, end)
+        for w in stack.commit_windows(max_bytes=8 * BS):
+            stack.commit_copy(w)
+            stack.commit_done(w)
         stack.finish_commit()
         with open(path, "rb") as f:
             assert f.read() == bytes(view)
@@ -475,9 +491,61 @@ def test_a_view_fsync_during_the_failover_commit_flushes_the_replica_too(tmp_pat
     stack.replica.fsync = lambda: (calls.append(stack.committing), real())
     stack.flush_view()
     assert calls == []  # not committing: the overlays hold the view's writes
-    chunks = stack.commit_chunks()
-    layer, first, end = next(chunks)
-    stack.commit_copy(layer, first, end)
-    stack.commit_done(layer, first, end)
+    w = next(stack.commit_windows())
+    stack.commit_copy(w)
+    stack.commit_done(w)
     stack.flush_view()
     assert calls == [True]
+
+
+def test_commit_windows_take_megabytes_of_scattered_blocks_not_a_span(tmp_path):
+    """A window takes up to max_bytes of the blocks its layer holds, however
+    far apart (the failover of scattered 4 KiB writes copies in few, large
+    windows), within max_span of address space."""
+
+    def windows(max_bytes, max_span):
+        stack = make_stack(str(tmp_path), 1024 * BS)
+        for b in range(0, 1024, 16):  # 64 scattered blocks
+            stack.view_write(b"s" * BS, b * BS)
+        seen = []
+        for w in stack.commit_windows(max_bytes=max_bytes, max_span=max_span):
+            seen.append((w.first, w.end, w.held.count()))
+            stack.commit_copy(w)
+            stack.commit_done(w)
+        stack.finish_commit()
+        stack.close()
+        return seen
+
+    # 10 blocks per window (the last: what is left), each ending at its 10th
+    seen = windows(10 * BS, 512 * BS)
+    assert [n for _, _, n in seen] == [10] * 6 + [4]
+    assert seen[0] == (0, 145, 10) and seen[3] == (480, 625, 10)
+    # or at max_span
+    seen = windows(100 * BS, 64 * BS)
+    assert seen[0] == (0, 64, 4) and len(seen) == 16
+
+
+def test_a_write_landing_in_a_window_where_nothing_is_copied_stays_in_the_view(tmp_path):
+    """A write that touches no block the window copies goes ahead while the
+    window is copied.  When it also covers a block active holds beyond the
+    window, it goes to active, setting bits inside the window: those were
+    not copied, so the window must not drop them when it is done."""
+    stack = make_stack(str(tmp_path), 16 * BS, b"r" * (16 * BS))
+    stack.view_write(b"a" * BS, 0)
+    stack.view_write(b"b" * BS, 5 * BS)
+    windows = stack.commit_windows(max_bytes=2 * BS, max_span=3 * BS)
+    w = next(windows)
+    assert (w.layer, w.first, w.end) == (stack.active, 0, 3)
+    b0, b1 = stack.geometry.blocks(2 * BS, 4 * BS)
+    assert not w.touches(b0, b1)  # the node lets it through
+    stack.view_write(b"w" * (4 * BS), 2 * BS)  # blocks 2..5: into active, as block 5 is there
+    stack.commit_copy(w)
+    stack.commit_done(w)
+    for w in windows:
+        stack.commit_copy(w)
+        stack.commit_done(w)
+    stack.finish_commit()
+    expect = b"a" * BS + b"r" * BS + b"w" * (4 * BS) + b"r" * (10 * BS)
+    assert stack.view_read(0, 16 * BS) == expect
+    with open(stack.replica.path, "rb") as f:
+        assert f.read() == expect

@@ -46,7 +46,7 @@ def test_failover_makes_the_committed_view_durable_before_it_returns(tmp_path):
 
 
 def test_a_failover_retried_after_a_failed_commit_makes_a_waiting_write_wait(tmp_path):
-    """A VM write into the chunk being copied waits for the copy.  After a
+    """A VM write into a block being copied waits for the copy.  After a
     failed commit, the retry's writes must wait on an event that is not set
     already (they would spin, taking a CPU from the copy)."""
     node = make_node(tmp_path)
@@ -64,17 +64,17 @@ def test_a_failover_retried_after_a_failed_commit_makes_a_waiting_write_wait(tmp
 
     stack.commit_copy = copy
     checks = []
-    real_overlaps = node._overlaps_commit
-    node._overlaps_commit = lambda *a: (checks.append(1), real_overlaps(*a))[1]
+    real_touches = node._touches_commit
+    node._touches_commit = lambda *a: (checks.append(1), real_touches(*a))[1]
 
     async def main():
         with pytest.raises(IOFailure):
             await node.failover()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node.failover)
-            while node._commit_range is None:
+            while node._commit_window is None:
                 await trio.sleep(0.01)
-            nursery.start_soon(node.disk_write, 4096, b"w" * 4096)  # in the chunk being copied
+            nursery.start_soon(node.disk_write, 4096, b"w" * 4096)  # a block being copied
             while not checks:
                 await trio.sleep(0.01)
             release.set()
@@ -83,3 +83,39 @@ def test_a_failover_retried_after_a_failed_commit_makes_a_waiting_write_wait(tmp
     trio.run(main)
     assert len(checks) <= 4, f"the write checked the commit {len(checks)} times while it waited"
     assert stack.view_read(0, 8192) == b"a" * 4096 + b"w" * 4096
+
+
+def test_a_write_to_a_block_the_commit_is_not_copying_does_not_wait(tmp_path):
+    """Only writes that touch a block being copied wait: one beside it, in
+    the window's span but held by no overlay, goes straight to the replica
+    while the window is copied."""
+    node = make_node(tmp_path)
+    stack = node.stack
+    stack.view_write(b"a" * BS, 0)
+    stack.view_write(b"c" * BS, 100 * BS)  # one window: blocks 0 and 100
+    real_copy = stack.commit_copy
+    release = threading.Event()
+
+    def copy(w):
+        release.wait(10)
+        return real_copy(w)
+
+    stack.commit_copy = copy
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.failover)
+            while node._commit_window is None:
+                await trio.sleep(0.01)
+            w = node._commit_window
+            assert w.first == 0 and w.end > 100
+            with trio.fail_after(5):
+                await node.disk_write(50 * BS, b"m" * BS)  # would wait for the copy if it did
+            assert not release.is_set() and node._commit_window is w
+            release.set()
+        assert node.stack.standalone
+
+    trio.run(main)
+    assert stack.view_read(0, BS) == b"a" * BS
+    assert stack.view_read(50 * BS, BS) == b"m" * BS
+    assert stack.view_read(100 * BS, BS) == b"c" * BS

@@ -9,11 +9,14 @@ takes no lock itself: its user calls it holding one lock (the secondary node's
 io_lock, shared with the NBD server's thread), so each call is atomic with
 respect to the others (that is what makes copy-before-write safe against
 concurrent view I/O).  The only long
-operation, the failover commit, is split into chunks the caller runs one at a
-time (see `commit_chunks`), with writes to the chunk's range held off.
+operation, the failover commit, is split into windows the caller copies one
+at a time (see `commit_windows`), holding off the writes that touch a block
+the window copies.
 """
 
 from collections.abc import Iterator
+
+from bitarray.util import count_n
 
 from .bitmap import Bitmap
 from .geometry import Geometry
@@ -182,48 +185,56 @@ class SecondaryStack:
         """Bytes still to commit in a failover."""
         return self.hidden.used_bytes + self.active.used_bytes
 
-    def commit_chunks(self, max_bytes: int = 8 << 20) -> Iterator[tuple[Overlay, int, int]]:
-        """The failover commit as (layer, first_block, end_block) windows of at
-        most `max_bytes` of address space, each starting at a block the layer
-        holds: hidden first, then active.  The caller copies a window with
-        `commit_copy` (in a thread; one copy_file_range per run inside it),
-        then calls `commit_done` (in the loop), holding writes to the window
-        off meanwhile.  Bits set while the commit runs (view writes into
-        active) are picked up: the generator looks again until both overlays
-        are empty."""
+    def commit_windows(self, max_bytes: int = 8 << 20, max_span: int = 1 << 30) -> Iterator["CommitWindow"]:
+        """The failover commit as windows, hidden first, then active: each
+        starts at a block its layer holds and takes the next blocks the layer
+        holds, up to `max_bytes` of them within `max_span` of address space
+        (so a window of scattered 4 KiB blocks still copies megabytes, not a
+        few blocks).  The caller copies a window with `commit_copy` (in a
+        thread; one copy_file_range per run inside it), then calls
+        `commit_done` (in the loop); meanwhile it holds off the view writes
+        that touch a block the window copies (`CommitWindow.touches`).
+        Bits set while the commit runs (view writes into active) are picked
+        up: the generator looks again until both overlays are empty."""
         self.committing = True
-        per = max(1, max_bytes >> self.geometry.shift)
+        shift = self.geometry.shift
+        per = max(1, max_bytes >> shift)
+        span = max(1, max_span >> shift)
         for layer in (self.hidden, self.active):
+            bits = layer.map.bits
             pos = 0
             while True:
-                a = layer.map.bits.find(1, pos)
+                a = bits.find(1, pos)
                 if a < 0:
-                    if not layer.map.any():
+                    if not bits.any():
                         break
                     pos = 0
                     continue
-                b = min(a + per, len(layer.map))
-                yield layer, a, b
-                pos = b
+                held = bits[a : min(a + span, len(bits))]
+                if held.count() > per:
+                    del held[count_n(held, per) :]
+                end = a + len(held)
+                todo = Bitmap(0)
+                todo.bits = held & ~self.active.map.bits[a:end] if layer is self.hidden else held.copy()
+                yield CommitWindow(layer, a, end, held, todo)
+                pos = end
 
-    def commit_copy(self, layer: Overlay, first: int, end: int) -> int:
-        """Copy the blocks `layer` holds in [first, end) into the replica
-        (blocking); hidden blocks that active overrides are skipped.
-        Returns the bytes copied."""
+    def commit_copy(self, w: "CommitWindow") -> int:
+        """Copy the window's blocks into the replica (blocking); hidden
+        blocks that active overrides are skipped.  Returns the bytes copied."""
         geo = self.geometry
-        todo = Bitmap(0)
-        todo.bits = layer.map.bits[first:end]
-        if layer is self.hidden:
-            todo.bits &= ~self.active.map.bits[first:end]
         copied = 0
-        for a, b in todo.runs():
-            start, n = geo.byte_range(first + a, first + b)
-            layer.file.copy_to(self.replica, start, n)
+        for a, b in w.todo.runs():
+            start, n = geo.byte_range(w.first + a, w.first + b)
+            w.layer.file.copy_to(self.replica, start, n)
             copied += n
         return copied
 
-    def commit_done(self, layer: Overlay, first: int, end: int) -> None:
-        layer.map.clear(first, end)
+    def commit_done(self, w: "CommitWindow") -> None:
+        """The window is in the replica: its layer lets go of the blocks it
+        held when the window was taken (not of blocks a view write gave it
+        since: those were not copied)."""
+        w.layer.map.bits[w.first : w.end] &= ~w.held
 
     def finish_commit(self) -> None:
         """Both overlays are merged: serve the view from the replica from now on."""
@@ -236,3 +247,27 @@ class SecondaryStack:
         self.hidden.close()
         self.active.close()
         self.replica.close()
+
+
+class CommitWindow:
+    """One step of the failover commit: the blocks `layer` held in [first,
+    end) when the window was taken (`held`, relative to `first`), and those
+    of them to copy into the replica (`todo`: for hidden, what active does
+    not override)."""
+
+    __slots__ = ("layer", "first", "end", "held", "todo")
+
+    def __init__(self, layer: Overlay, first: int, end: int, held, todo: Bitmap):
+        self.layer, self.first, self.end, self.held, self.todo = layer, first, end, held, todo
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the layer this window lets go of."""
+        return self.held.count() << self.layer.geometry.shift
+
+    def touches(self, b0: int, b1: int) -> bool:
+        """Does a write to blocks [b0, b1) touch a block being copied?  Only
+        such a write must wait: any other goes where the copy does not look
+        (the replica at a block the window does not copy, or active)."""
+        a, b = max(b0, self.first), min(b1, self.end)
+        return a < b and self.todo.bits.find(1, a - self.first, b - self.first) >= 0

@@ -5,8 +5,8 @@ The node runs in trio; the NBD server's transmission runs in a thread of its
 own (see nbdserver).  Stack calls are synchronous and never yield, and every
 one of them, from either thread, holds `io_lock`: each NBD request, view read
 and view write is atomic with respect to the others and to checkpoint.  The
-failover commit (after the NBD client is gone) copies chunks in a thread; view
-writes wait while the chunk they touch is being copied (`_commit_range`).
+failover commit (after the NBD client is gone) copies windows in a thread; a
+view write waits while a block it touches is being copied (`_commit_window`).
 """
 
 import logging
@@ -42,7 +42,7 @@ class SecondaryNode:
         self.peer: str | None = None
         self.server = None  # NbdServer, set by the app
         self.commit = Progress()
-        self._commit_range: tuple[int, int] | None = None  # bytes being copied
+        self._commit_window = None  # the CommitWindow being copied
         self._commit_moved = trio.Event()
         self._invalidate = invalidate  # async callable: drop the kernel's cached view
         self._lock = trio.Lock()  # one command at a time
@@ -156,14 +156,13 @@ class SecondaryNode:
             return self.stack.view_read(offset, length)
 
     async def disk_write(self, offset: int, buf, direct: bool = False) -> None:
-        while self._commit_range is not None and self._overlaps_commit(offset, len(buf)):
+        while self._commit_window is not None and self._touches_commit(offset, len(buf)):
             await self._commit_moved.wait()
         with self.io_lock:
             self.stack.view_write(buf, offset, direct)
 
-    def _overlaps_commit(self, offset: int, length: int) -> bool:
-        a, b = self._commit_range
-        return offset < b and a < offset + length
+    def _touches_commit(self, offset: int, length: int) -> bool:
+        return self._commit_window.touches(*self.stack.geometry.blocks(offset, length))
 
     async def disk_fsync(self) -> None:
         await trio.to_thread.run_sync(self.stack.flush_view)
@@ -237,7 +236,7 @@ class SecondaryNode:
             log.error("%s", self.error)
             raise
         finally:
-            self._commit_range = None
+            self._commit_window = None
             self._commit_moved.set()
             self._commit_moved = trio.Event()  # a retry's writes must wait, not spin on a set event
         with self.io_lock:
@@ -251,16 +250,14 @@ class SecondaryNode:
         log.info("failover done: %d bytes committed in %.3f s", self.commit.done, self.commit.elapsed)
 
     async def _commit(self) -> None:
-        stack, geo = self.stack, self.stack.geometry
-        for layer, first, end in stack.commit_chunks():
-            start, n = geo.byte_range(first, end)
-            self._commit_range = (start, start + n)
-            done = layer.map.count(first, end) << geo.shift
-            await trio.to_thread.run_sync(stack.commit_copy, layer, first, end)
+        stack = self.stack
+        for w in stack.commit_windows():
+            self._commit_window = w
+            await trio.to_thread.run_sync(stack.commit_copy, w)
             with self.io_lock:
-                stack.commit_done(layer, first, end)
-            self._commit_range = None
+                stack.commit_done(w)
+            self._commit_window = None
             self._commit_moved.set()
             self._commit_moved = trio.Event()
-            self.commit.add(done)
+            self.commit.add(w.nbytes)
             self.commit.total = max(self.commit.total, self.commit.done)  # view writes added some
