@@ -119,3 +119,30 @@ def test_a_write_to_a_block_the_commit_is_not_copying_does_not_wait(tmp_path):
     assert stack.view_read(0, BS) == b"a" * BS
     assert stack.view_read(50 * BS, BS) == b"m" * BS
     assert stack.view_read(100 * BS, BS) == b"c" * BS
+
+
+def test_the_failover_commit_writes_each_window_back_while_it_copies_the_next(tmp_path):
+    """The fsync at the end of a failover would write everything the commit
+    copied: each copied window is handed to write-back at once instead, and
+    the disk writes it while the next window is copied."""
+    node = make_node(tmp_path)
+    stack = node.stack
+    stack.view_write(b"a" * (12 << 20), 0)  # two windows of 8 MiB of blocks at most
+    written_back, copies = threading.Event(), []
+    real_copy, real_write_back = stack.commit_copy, stack.replica.write_back_soon
+
+    def copy(w):
+        if copies:  # the second window: the first is being written back meanwhile
+            copies.append(written_back.wait(10))
+        else:
+            copies.append(None)
+        return real_copy(w)
+
+    def write_back_soon(offset, length):
+        real_write_back(offset, length)
+        written_back.set()
+
+    stack.commit_copy, stack.replica.write_back_soon = copy, write_back_soon
+    trio.run(node.failover)
+    assert copies == [None, True]
+    assert stack.standalone and stack.view_read(0, 12 << 20) == b"a" * (12 << 20)

@@ -10,6 +10,7 @@ view write waits while a block it touches is being copied (`_commit_window`).
 """
 
 import logging
+import queue
 import threading
 
 import trio
@@ -250,14 +251,52 @@ class SecondaryNode:
         log.info("failover done: %d bytes committed in %.3f s", self.commit.done, self.commit.elapsed)
 
     async def _commit(self) -> None:
+        """Copy the overlays into the replica, window by window.  Each copied
+        window goes to write-back at once, from a thread of its own, so the
+        disk writes it while the next is copied and the fsync at the end has
+        little left (asked from the copying thread instead, the write-back
+        held the copy up and gained nothing)."""
         stack = self.stack
-        for w in stack.commit_windows():
-            self._commit_window = w
-            await trio.to_thread.run_sync(stack.commit_copy, w)
-            with self.io_lock:
-                stack.commit_done(w)
-            self._commit_window = None
-            self._commit_moved.set()
-            self._commit_moved = trio.Event()
-            self.commit.add(w.nbytes)
-            self.commit.total = max(self.commit.total, self.commit.done)  # view writes added some
+        behind = WriteBehind(stack.replica)
+        try:
+            for w in stack.commit_windows():
+                self._commit_window = w
+                await trio.to_thread.run_sync(stack.commit_copy, w)
+                with self.io_lock:
+                    stack.commit_done(w)
+                self._commit_window = None
+                self._commit_moved.set()
+                self._commit_moved = trio.Event()
+                self.commit.add(w.nbytes)
+                self.commit.total = max(self.commit.total, self.commit.done)  # view writes added some
+                behind.add(*stack.geometry.byte_range(w.first, w.end))
+        finally:
+            behind.close()
+
+
+class WriteBehind:
+    """Starts the write-back of ranges of an image as they are handed over
+    (`RawImage.write_back_soon`), in a thread of its own, and never waits
+    for it to finish: only a head start for a later fsync, which reports
+    any error."""
+
+    def __init__(self, image):
+        self.image = image
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
+        self._thread.start()
+
+    def add(self, offset: int, length: int) -> None:
+        if length:
+            self._queue.put((offset, length))
+
+    def close(self) -> None:
+        """Start nothing more (the fsync that follows writes what is left);
+        returns at once."""
+        self._closed = True
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None and not self._closed:
+            self.image.write_back_soon(*item)
