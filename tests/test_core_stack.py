@@ -54,14 +54,16 @@ class StackMachine(RuleBasedStateMachine):
     and failover in any order; after every step the view, the replica and
     the overlays agree with the model."""
 
-    @initialize(size_blocks=hs.integers(1, 12), tail=hs.integers(0, BS - 1), seed=hs.binary(min_size=0, max_size=64))
-    def setup(self, size_blocks, tail, seed):
+    @initialize(size_blocks=hs.integers(1, 12), tail=hs.integers(0, BS - 1), seed=hs.binary(min_size=0, max_size=64),
+                sparse_copy_min=hs.sampled_from([1, BS, 1 << 16]))
+    def setup(self, size_blocks, tail, seed, sparse_copy_min):
         import tempfile
 
         self.tmp = tempfile.mkdtemp(prefix="repdisk-stack-")
         self.size = size_blocks * BS + tail
         initial = (seed * (self.size // max(1, len(seed)) + 1))[: self.size] if seed else bytes(self.size)
         self.stack = make_stack(self.tmp, self.size, initial)
+        self.stack.sparse_copy_min = sparse_copy_min  # the commit's hole-keeping copy on small disks too
         self.model = PairModel(self.size, initial)
         self.counter = 0
         self.written = []  # ranges written so far: reads aimed at them hit the overlays' fast paths
@@ -549,3 +551,26 @@ def test_a_write_landing_in_a_window_where_nothing_is_copied_stays_in_the_view(t
     assert stack.view_read(0, 16 * BS) == expect
     with open(stack.replica.path, "rb") as f:
         assert f.read() == expect
+
+
+def test_a_failover_after_an_initial_sync_keeps_the_replica_sparse(tmp_path):
+    """The initial sync over a sparse replica makes the hidden overlay take
+    over holes (nothing to copy).  Committing them must punch holes in the
+    replica, not write zeros that allocate the whole disk."""
+    size, MiB = 32 << 20, 1 << 20
+    initial = bytes(12 * MiB) + b"r" * MiB
+    stack = make_stack(str(tmp_path), size, initial)
+    stack.replica.punch(0, 12 * MiB)  # sparse but for [12, 13) MiB
+    stack.primary_write(b"p" * (5 * MiB), 8 * MiB)  # the sync's data: hidden takes over holes, then r
+    stack.view_write(b"v" * BS, 0)
+    assert stack.hidden.used_bytes == 5 * MiB
+    for w in stack.commit_windows():
+        stack.commit_copy(w)
+        stack.commit_done(w)
+    stack.finish_commit()
+    expect = b"v" * BS + bytes(12 * MiB - BS) + b"r" * MiB + bytes(size - 13 * MiB)
+    assert stack.view_read(0, size) == expect
+    with open(stack.replica.path, "rb") as f:
+        assert f.read() == expect
+    allocated = os.stat(stack.replica.path).st_blocks * 512
+    assert allocated < 2 * MiB, f"{allocated} bytes allocated in the replica"

@@ -24,6 +24,12 @@ from .image import RawImage
 from .overlay import Overlay
 
 
+# A copy-before-write or commit run at least this long looks for holes in
+# its source first and punches them in the destination: copying them would
+# write (and allocate) zeros, all over the replica after an initial sync.
+SPARSE_COPY_MIN = 1 << 16
+
+
 class SecondaryStack:
     def __init__(self, replica: RawImage, hidden_path: str, active_path: str, block_size: int):
         self.geometry = Geometry(replica.size, block_size)
@@ -34,6 +40,7 @@ class SecondaryStack:
         # the replica itself.
         self.standalone = False
         self.committing = False
+        self.sparse_copy_min = SPARSE_COPY_MIN
 
     @property
     def size(self) -> int:
@@ -141,6 +148,8 @@ class SecondaryStack:
             start, n = geo.byte_range(b0 + a, b0 + b)
             if self.replica.is_hole(start, n):
                 hidden.clear_stale(start, n)  # a hole: take it over, nothing to copy
+            elif n >= self.sparse_copy_min:  # holes in it stay holes (punched over stale bytes)
+                self.replica.copy_keeping_holes(hidden.file, start, n)
             else:
                 self.replica.copy_to(hidden.file, start, n)
             hidden.map.set(b0 + a, b0 + b)
@@ -226,7 +235,10 @@ class SecondaryStack:
         copied = 0
         for a, b in w.todo.runs():
             start, n = geo.byte_range(w.first + a, w.first + b)
-            w.layer.file.copy_to(self.replica, start, n)
+            if n >= self.sparse_copy_min:
+                w.layer.file.copy_keeping_holes(self.replica, start, n)
+            else:  # one copy_file_range; scattered blocks are where the time goes
+                w.layer.file.copy_to(self.replica, start, n)
             copied += n
         return copied
 
