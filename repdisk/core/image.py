@@ -311,19 +311,20 @@ class RawImage:
         except OSError as e:
             raise IOFailure(f"copy {self.path} -> {dst.path} at {pos}", e) from None
 
-    def copy_keeping_holes(self, dst: "RawImage", offset: int, length: int) -> None:
-        """`copy_to`, but a hole here becomes a hole in `dst` (punched)
-        instead of zeros written there, which would allocate them: an
-        overlay that took over holes holds gigabytes of them after an
-        initial sync."""
+    def copy_keeping_holes(self, dst: "RawImage", offset: int, length: int, clear=None) -> None:
+        """`copy_to`, but what is a hole here is cleared in `dst` with
+        `clear(offset, length)` (default: `dst.punch`) instead of zeros
+        written there, which would allocate them: an overlay that took over
+        holes holds gigabytes of them after an initial sync."""
+        clear = dst.punch if clear is None else clear
         pos, end = offset, offset + length
         for a, b in self.data_extents(offset, end):
             if a > pos:
-                dst.punch(pos, a - pos)
+                clear(pos, a - pos)
             self.copy_to(dst, a, b - a)
             pos = b
         if pos < end:
-            dst.punch(pos, end - pos)
+            clear(pos, end - pos)
 
     def is_hole(self, offset: int, length: int) -> bool:
         """True when [offset, offset+length) holds no data (reads as zeros)."""

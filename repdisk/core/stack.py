@@ -146,10 +146,12 @@ class SecondaryStack:
             runs = need.runs()
         for a, b in runs:
             start, n = geo.byte_range(b0 + a, b0 + b)
-            if self.replica.is_hole(start, n):
-                hidden.clear_stale(start, n)  # a hole: take it over, nothing to copy
-            elif n >= self.sparse_copy_min:  # holes in it stay holes (punched over stale bytes)
-                self.replica.copy_keeping_holes(hidden.file, start, n)
+            # Holes are taken over, not copied: nothing to copy, and copying
+            # would write (allocate) zeros; stale bytes there are cleared.
+            if n >= self.sparse_copy_min:
+                self.replica.copy_keeping_holes(hidden.file, start, n, clear=hidden.clear_stale)
+            elif self.replica.is_hole(start, n):
+                hidden.clear_stale(start, n)
             else:
                 self.replica.copy_to(hidden.file, start, n)
             hidden.map.set(b0 + a, b0 + b)
@@ -224,7 +226,7 @@ class SecondaryStack:
                     del held[count_n(held, per) :]
                 end = a + len(held)
                 todo = Bitmap(0)
-                todo.bits = held & ~self.active.map.bits[a:end] if layer is self.hidden else held.copy()
+                todo.bits = held & ~self.active.map.bits[a:end] if layer is self.hidden else held
                 yield CommitWindow(layer, a, end, held, todo)
                 pos = end
 
