@@ -90,21 +90,25 @@ def test_first_touch_fill_writes_the_whole_size_in_mib_pieces(tmp_path):
     first_touch._fill(str(path), 3 << 20, chunk, create=True)
     assert path.stat().st_size == 3 << 20
     assert path.read_bytes()[(2 << 20) : (2 << 20) + 256] == bytes(range(256))
+    pieced = tmp_path / "p"  # in 128 KiB pieces, as repdisk writes: the same bytes
+    first_touch._fill(str(pieced), 3 << 20, chunk, create=True, piece=128 << 10)
+    assert pieced.read_bytes() == path.read_bytes()
     with pytest.raises(FileExistsError):  # a new file is really new: never an overwrite
         first_touch._fill(str(path), 1 << 20, chunk, create=True)
 
 
-def test_first_touch_probe_measures_three_cases_and_leaves_no_files(tmp_path):
+def test_first_touch_probe_measures_four_cases_and_leaves_no_files(tmp_path):
     import first_touch
     r = first_touch.measure(str(tmp_path), size=(8 << 20) + 4096, idle=0)
     assert r["size_mib"] == 8  # whole MiB
-    for case in ("cached", "recycled", "idle"):
+    for case in ("cached", "recycled", "idle", "idle_pieces"):
         assert r[case]["wall_ms_per_mib"] > 0
     assert list(tmp_path.iterdir()) == []
     assert isinstance(r["page_reporting"], dict)
     line = report.first_touch_line(r)
     assert f"cached {r['cached']['wall_ms_per_mib']:.2f}" in line
     assert f"after {r['idle_s']:g} s idle" in line
+    assert f"idle in 128 KiB pieces as repdisk writes {r['idle_pieces']['wall_ms_per_mib']:.2f}" in line
 
 
 def test_the_table_names_the_machine_first_touch_cost():

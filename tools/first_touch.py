@@ -13,6 +13,8 @@ the three cases, writing --size bytes in 1 MiB pwrites from one reused buffer:
   cached    overwriting a file whose pages are in the page cache (no allocation)
   recycled  a new file right after a file of the same size was deleted
   idle      a new file after memory stayed free for --idle seconds
+  idle_pieces  the same, but each MiB written as repdisk writes it, in
+            pieces of WRITE_PIECE (128 KiB)
 
 and prints system CPU time and wall time per MiB for each, plus the free
 page reporting settings when the kernel has them and how much memory it
@@ -21,8 +23,15 @@ than max_waiting_mib of memory is free and waiting, so by default the files
 are that much plus 512 MiB (256 MiB without reporting).  Measured here
 (6.18 Firecracker guest, max_waiting_mib 1024): 1.5 GiB files cost 0.23
 (cached), 0.34 (recycled) and 1.71 (idle) ms of system time per MiB; with
-256 MiB files nothing was reported and idle cost the same as recycled.  tools/bench records the
-same figures in its JSON (meta.first_touch), so a run's first-touch rows can
+256 MiB files nothing was reported and idle cost the same as recycled.
+On 2026-12-06 the same probe gave 0.09, 0.23, 1.12 and, in 128 KiB pieces,
+0.36 (wall, ms per MiB): a 1 MiB pwrite into a new region makes a 1 MiB
+folio (large folios, ext4 on 6.18), and on memory the host took back such
+folios cost 3x what small ones cost (ad hoc: 512 KiB pieces 0.25-0.28;
+two threads each writing half of every MiB in 128 KiB pieces 0.39-0.45, so
+no gain from a second thread).  repdisk writes in such pieces (WRITE_PIECE);
+fio's buffered jobs on a plain file write whole MiB.
+tools/bench records the same figures in its JSON (meta.first_touch), so a run's first-touch rows can
 be read against the machine's cost at the time.
 
     tools/first_touch.py [--dir DIR] [--size BYTES] [--idle 5]
@@ -35,9 +44,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from repdisk.core.image import parse_size  # noqa: E402
+from repdisk.core.image import WRITE_PIECE, parse_size  # noqa: E402
 
 MIB = 1 << 20
+CASES = ("cached", "recycled", "idle", "idle_pieces")
 REPORTING = "/sys/module/page_reporting/parameters"
 
 
@@ -65,14 +75,21 @@ def reported_kib() -> int | None:
     return v if isinstance(v, int) else None
 
 
-def _fill(path: str, size: int, chunk: memoryview, create: bool) -> tuple[float, float]:
-    """Write `size` bytes into `path` in 1 MiB pwrites; (system s, wall s) per MiB."""
+def _fill(path: str, size: int, chunk: memoryview, create: bool, piece: int = MIB) -> tuple[float, float]:
+    """Write `size` bytes into `path` in pwrites of `piece` bytes; (system s,
+    wall s) per MiB."""
     flags = os.O_WRONLY | (os.O_CREAT | os.O_EXCL if create else 0)
     fd = os.open(path, flags, 0o600)
     try:
         s0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
-        for off in range(0, size, MIB):
-            os.pwrite(fd, chunk, off)
+        if piece >= MIB:
+            for off in range(0, size, MIB):
+                os.pwrite(fd, chunk, off)
+        else:
+            pieces = [chunk[i : i + piece] for i in range(0, MIB, piece)]
+            for off in range(0, size, MIB):
+                for i, p in enumerate(pieces):
+                    os.pwrite(fd, p, off + i * piece)
         wall = time.perf_counter() - t0
         sys_s = resource.getrusage(resource.RUSAGE_SELF).ru_stime - s0
     finally:
@@ -92,7 +109,7 @@ def measure(directory: str, size: int | None = None, idle: float = 5.0) -> dict:
     under `directory` (removed afterwards)."""
     size = max(MIB, (size or default_size()) // MIB * MIB)
     chunk = memoryview(os.urandom(MIB))
-    a, b, c = (os.path.join(directory, f".first-touch-{n}-{os.getpid()}") for n in "abc")
+    a, b, c, d = (os.path.join(directory, f".first-touch-{n}-{os.getpid()}") for n in "abcd")
     res = {"size_mib": size // MIB, "idle_s": idle}
     try:
         _fill(a, size, chunk, create=True)
@@ -106,13 +123,17 @@ def measure(directory: str, size: int | None = None, idle: float = 5.0) -> dict:
         if before is not None and after is not None:
             res["reported_mib_while_idle"] = (after - before) // 1024
         res["idle"] = _fill(c, size, chunk, create=True)
+        os.unlink(c)
+        time.sleep(idle)
+        res["idle_pieces"] = _fill(d, size, chunk, create=True, piece=WRITE_PIECE)
+        res["piece_kib"] = WRITE_PIECE >> 10
     finally:
-        for p in (a, b, c):
+        for p in (a, b, c, d):
             try:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
-    for k in ("cached", "recycled", "idle"):
+    for k in CASES:
         sys_ms, wall_ms = res[k]
         res[k] = {"sys_ms_per_mib": round(sys_ms * 1000, 3), "wall_ms_per_mib": round(wall_ms * 1000, 3)}
     res["page_reporting"] = page_reporting()
@@ -128,7 +149,7 @@ def main() -> int:
     args = ap.parse_args()
     r = measure(args.dir, parse_size(args.size) if args.size else None, args.idle)
     print(f"{'case':10} {'sys ms/MiB':>10} {'wall ms/MiB':>11}")
-    for k in ("cached", "recycled", "idle"):
+    for k in CASES:
         print(f"{k:10} {r[k]['sys_ms_per_mib']:10.3f} {r[k]['wall_ms_per_mib']:11.3f}")
     pr = r["page_reporting"]
     print(f"({r['size_mib']} MiB per file, {r['idle_s']:g} s idle)")

@@ -331,7 +331,10 @@ def _fmt(v, unit=""):
 def first_touch_line(ft: dict) -> str:
     """meta.first_touch (tools/first_touch.py) in a line."""
     costs = ", ".join(f"{k} {ft[k]['wall_ms_per_mib']:.2f}" for k in ("cached", "recycled", "idle") if k in ft)
-    line = f"page-cache writes cost {costs} ms/MiB (cached / just freed / after {ft.get('idle_s', 0):g} s idle)"
+    line = f"page-cache writes cost {costs} ms/MiB (1 MiB pwrites: cached / just freed / after {ft.get('idle_s', 0):g} s idle)"
+    if "idle_pieces" in ft:
+        line += (f", idle in {ft.get('piece_kib', 128)} KiB pieces as repdisk writes"
+                 f" {ft['idle_pieces']['wall_ms_per_mib']:.2f}")
     pr = ft.get("page_reporting") or {}
     if "page_reporting_order" in pr:
         line += f"; free page reporting on (order {pr['page_reporting_order']}"
