@@ -74,7 +74,6 @@ class Config:
         self.rss_disk = 1 * TiB
         self.fio_workloads = list(WORKLOADS)
         self.perf_dir = None  # --perf: a system-wide perf profile of every fio job
-        self.drop_caches = True  # each fio repetition starts with the page cache dropped (_free_memory)
 
     def as_dict(self):
         return {k: v for k, v in vars(self).items()}
@@ -128,7 +127,6 @@ def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
     out = res.setdefault("fio", {"targets": {}, "labels": TARGET_LABEL})
     targets = [t for t in cfg.fio_targets if have_repdisk or not t.startswith("rd-")]
     for rep in range(cfg.reps):
-        res["meta"].setdefault("fio_free_mib", []).append(_free_memory(cfg))
         live = {}
         with contextlib.ExitStack() as stack:
             for key in targets:
@@ -397,42 +395,6 @@ def _nbdcopy_run(cfg: Config, out: dict, key: str, d: str, img: str, pair, uri_o
     remove_tree(d)
 
 
-def _meminfo_mib(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) >> 10
-    except OSError:
-        pass
-    return None
-
-
-def _free_memory(cfg: Config) -> dict:
-    """Start a fio repetition with the machine's memory free: write back
-    what is dirty, then drop the clean page cache (root only; the files stay
-    on disk).  A repetition puts some 8 GiB into new page-cache pages, and
-    once free memory ran out every later target paid for reclaim: in
-    bench-20261206-170120, started with 3 GiB free, the pyfuse3 floor's
-    1 MiB direct job made 698 MiB/s as the third target of a repetition and
-    217-230 MiB/s as the last, and every target's first-touch cell followed
-    its place in the order.  Returns free MiB before and after (JSON
-    meta.fio_free_mib)."""
-    before = _meminfo_mib("MemFree")
-    _settle_writeback()
-    dropped = False
-    if cfg.drop_caches:
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("1\n")
-            dropped = True
-        except OSError as e:
-            log(f"cannot drop the page cache ({e.strerror}): this repetition starts with what is free")
-    after = _meminfo_mib("MemFree")
-    log(f"free memory {before:,} MiB -> {after:,} MiB" + (" (page cache dropped)" if dropped else ""))
-    return {"before": before, "after": after, "dropped": dropped}
-
-
 def _settle_writeback() -> None:
     """Each sync run writes a whole image through the page cache: flush what
     earlier runs and sections left dirty, so that no run pays for another's
@@ -554,10 +516,6 @@ def main(argv=None) -> int:
                     help="record a system-wide perf profile (cpu-clock, call graphs) of every fio job "
                          "into DIR and summarize it in the log and the JSON (idle share, top symbols); "
                          "sampling costs a little, so keep such runs out of the table of record")
-    ap.add_argument("--keep-page-cache", action="store_true",
-                    help="do not drop the clean page cache before each fio repetition (by default each "
-                         "starts with memory free, so that no target pays for reclaim by its place in "
-                         "the order)")
     args = ap.parse_args(argv)
 
     sections = []
@@ -578,7 +536,6 @@ def main(argv=None) -> int:
             ap.error(f"--perf: {why}")
         os.makedirs(args.perf, exist_ok=True)
         cfg.perf_dir = os.path.abspath(args.perf)
-    cfg.drop_caches = not args.keep_page_cache
 
     def pick(text, allowed, what):
         picked = [x.strip() for x in text.split(",")]

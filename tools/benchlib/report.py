@@ -388,11 +388,6 @@ def table(res: dict, summary: dict) -> str:
         if "reported_mib" in meta:
             line += f"; {meta['reported_mib']:,} MiB of free memory reported to the host during the run"
         lines.append(line)
-    free = meta.get("fio_free_mib")
-    if free:
-        how = "the page cache dropped first" if all(f.get("dropped") for f in free) else "what was free"
-        lines.append("fio repetitions started with " + ", ".join(
-            f"{f['after']:,}" if f.get("after") is not None else "?" for f in free) + f" MiB of free memory ({how})")
     if meta["config"].get("perf_dir"):
         lines.append(f"profiled: perf sampled the whole machine during every fio job "
                      f"({meta['config']['perf_dir']}); the figures carry its cost")
