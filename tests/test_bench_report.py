@@ -111,6 +111,14 @@ def test_first_touch_probe_measures_four_cases_and_leaves_no_files(tmp_path):
     assert f"idle in 128 KiB pieces as repdisk writes {r['idle_pieces']['wall_ms_per_mib']:.2f}" in line
 
 
+def test_first_touch_budget_writes_and_removes_its_files(tmp_path):
+    import first_touch
+    rows = first_touch.budget(str(tmp_path), files=3, file_mib=2)
+    assert [r["written_mib"] for r in rows] == [2, 4, 6]
+    assert all(r["mib_per_s"] > 0 and r["sys_ms_per_mib"] >= 0 for r in rows)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_table_names_the_machine_first_touch_cost():
     res = results([], [])
     ft = {"size_mib": 8, "idle_s": 5.0, "page_reporting": {"page_reporting_order": 9},
