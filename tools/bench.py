@@ -24,6 +24,7 @@ import datetime
 import os
 import platform
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,7 @@ class Config:
         self.rss_disk = 1 * TiB
         self.fio_workloads = list(WORKLOADS)
         self.perf_dir = None  # --perf: a system-wide perf profile of every fio job
+        self.release_pages = False  # --release-pages (_release_pages)
 
     def as_dict(self):
         return {k: v for k, v in vars(self).items()}
@@ -144,6 +146,7 @@ def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
                                 "errors"].append(f"start failed: {e}")
                     continue
                 stack.enter_context(running(t))
+                t.bench_dir = d  # where all its files are (--release-pages)
                 live[key] = (t, path)
             # Rotate by a third (for 3 repetitions) of the list, not by one: each
             # target then runs early, midway and late once.  Position seems to
@@ -190,6 +193,10 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
         cell["runs"].append(r)
         log(f"  {TARGET_LABEL[key]:24} {r['mibs']:8.1f} MiB/s {r['iops']:9.0f} IOPS "
             f"p50 {r['p50_us']:7.1f} us p99 {r['p99_us']:8.1f} us")
+        if cfg.release_pages and wl == "seqwrite":
+            if hasattr(t, "quiesce"):
+                t.quiesce()  # async mode: what it still sends lands before the release
+            r["released_mib"] = _release_pages(t.bench_dir)
         if recording is not None:
             try:
                 r["perf"] = profile.summarize(recording.path)
@@ -215,6 +222,43 @@ def _quiesce(targets: list) -> None:
             if time.monotonic() - t0 > 0.05:
                 log(f"  waited {time.monotonic() - t0:.2f} s for {t} to finish replicating")
     _settle_writeback()
+
+
+def _release_pages(directory: str) -> int:
+    """Drop the clean page cache of every file under `directory` (after a
+    sync); returns by how many MiB the machine's page cache shrank.  --release-pages
+    does it after each 1 MiB job: this machine gives some 3.5 GiB of new
+    page cache cheaply and then charges ~10x per page while it is held
+    (tools/first_touch.py --budget), so without it the targets that run
+    after the first few in a repetition pay that price for their
+    first-touch writes, and with it each job starts from the same state.
+    The later rows then find these images uncached, on every target alike."""
+    os.sync()
+    before = _page_cache_mib()
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = [x for x in dirs if not os.path.ismount(os.path.join(root, x))]  # FUSE mounts: not files
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.ismount(path):  # QEMU's FUSE export mounts on a file
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue  # sockets, vanished files
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return before - _page_cache_mib()
+
+
+def _page_cache_mib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) >> 10
+    return 0
 
 
 def _cpu_of(target) -> dict:
@@ -516,6 +560,10 @@ def main(argv=None) -> int:
                     help="record a system-wide perf profile (cpu-clock, call graphs) of every fio job "
                          "into DIR and summarize it in the log and the JSON (idle share, top symbols); "
                          "sampling costs a little, so keep such runs out of the table of record")
+    ap.add_argument("--release-pages", action="store_true",
+                    help="after each 1 MiB job, drop the target's images from the page cache, so that "
+                         "every target's first-touch job starts from the same memory (see _release_pages; "
+                         "later rows then read uncached images)")
     args = ap.parse_args(argv)
 
     sections = []
@@ -536,6 +584,7 @@ def main(argv=None) -> int:
             ap.error(f"--perf: {why}")
         os.makedirs(args.perf, exist_ok=True)
         cfg.perf_dir = os.path.abspath(args.perf)
+    cfg.release_pages = args.release_pages
 
     def pick(text, allowed, what):
         picked = [x.strip() for x in text.split(",")]
