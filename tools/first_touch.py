@@ -76,23 +76,22 @@ def reported_kib() -> int | None:
     return v if isinstance(v, int) else None
 
 
-def _fill(path: str, size: int, chunk: memoryview, create: bool, piece: int = MIB) -> tuple[float, float]:
-    """Write `size` bytes into `path` in pwrites of `piece` bytes; (system s,
-    wall s) per MiB."""
+def _fill(path: str, size: int, chunk: memoryview, create: bool, piece: int = MIB,
+          sync: bool = False) -> tuple[float, float]:
+    """Write `size` bytes into `path` in pwrites of `piece` bytes (fsynced
+    after the timing when `sync`); (system s, wall s) per MiB."""
     flags = os.O_WRONLY | (os.O_CREAT | os.O_EXCL if create else 0)
+    pieces = [chunk[i : i + piece] for i in range(0, MIB, piece)]
     fd = os.open(path, flags, 0o600)
     try:
         s0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
-        if piece >= MIB:
-            for off in range(0, size, MIB):
-                os.pwrite(fd, chunk, off)
-        else:
-            pieces = [chunk[i : i + piece] for i in range(0, MIB, piece)]
-            for off in range(0, size, MIB):
-                for i, p in enumerate(pieces):
-                    os.pwrite(fd, p, off + i * piece)
+        for off in range(0, size, MIB):
+            for i, p in enumerate(pieces):
+                os.pwrite(fd, p, off + i * piece)
         wall = time.perf_counter() - t0
         sys_s = resource.getrusage(resource.RUSAGE_SELF).ru_stime - s0
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     mib = size / MIB
@@ -151,25 +150,14 @@ def budget(directory: str, files: int = 10, file_mib: int = 512) -> list[dict]:
     first 3.5-4.5 GiB, then 2.2-5.6, with or without 10 s between files,
     with 23 GiB free in the guest)."""
     chunk = memoryview(os.urandom(MIB))
-    pieces = [chunk[i : i + WRITE_PIECE] for i in range(0, MIB, WRITE_PIECE)]
     paths, out = [], []
     try:
         for k in range(files):
             path = os.path.join(directory, f".first-touch-budget-{k}-{os.getpid()}")
             paths.append(path)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                s0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
-                for off in range(0, file_mib * MIB, MIB):
-                    for i, p in enumerate(pieces):
-                        os.pwrite(fd, p, off + i * WRITE_PIECE)
-                wall = time.perf_counter() - t0
-                sys_s = resource.getrusage(resource.RUSAGE_SELF).ru_stime - s0
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            out.append({"written_mib": (k + 1) * file_mib, "mib_per_s": round(file_mib / wall),
-                        "sys_ms_per_mib": round(sys_s * 1000 / file_mib, 3)})
+            sys_s, wall = _fill(path, file_mib * MIB, chunk, create=True, piece=WRITE_PIECE, sync=True)
+            out.append({"written_mib": (k + 1) * file_mib, "mib_per_s": round(1 / wall),
+                        "sys_ms_per_mib": round(sys_s * 1000, 3)})
     finally:
         for path in paths:
             try:
