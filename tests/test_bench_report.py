@@ -273,3 +273,35 @@ def test_link_losses_are_read_from_the_primary_log_each_reason_once():
     assert report.link_losses(log) == ["flush failed: server replied ENOSPC (No space left on device)",
                                        "no reply for 30 s with 4 requests in flight"]
     assert report.link_losses("nothing here\n") == []
+
+
+def test_release_pages_drops_a_targets_files_from_the_page_cache(tmp_path):
+    """--release-pages: every regular file under the target's directory
+    leaves the page cache with its content intact; a socket there is skipped."""
+    import shutil
+    import socket
+    import subprocess
+
+    import bench
+    if shutil.which("fincore") is None:
+        pytest.skip("fincore (util-linux) is not installed")
+
+    def cached(path) -> int:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.strip())
+
+    (tmp_path / "sub").mkdir()
+    files = [tmp_path / "img", tmp_path / "sub" / "overlay"]
+    data = os.urandom(4 << 20)
+    for f in files:
+        f.write_bytes(data)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "nbd.sock"))
+    try:
+        assert all(cached(f) > 0 for f in files)
+        bench._release_pages(str(tmp_path))
+        assert [cached(f) for f in files] == [0, 0]
+        assert all(f.read_bytes() == data for f in files)
+    finally:
+        sock.close()
