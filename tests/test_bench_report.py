@@ -134,6 +134,27 @@ def test_the_table_names_the_machine_first_touch_cost():
     assert "2,048 MiB of free memory reported to the host during the run" in line
 
 
+def test_the_table_says_whether_pages_were_released():
+    res = results([], [])
+    res["meta"] = {"started": "x", "git": "g", "quick": False, "config": {"reps": 3}, "cpus": 2,
+                   "kernel": "k", "qemu": "q", "repdisk": True}
+    assert not any(ln.startswith("pages:") for ln in report.table(res, report.summarize_all(res)).splitlines())
+    for on, words in ((True, "left the page cache"), (False, "depend on its place in the order")):
+        res["meta"]["config"]["release_pages"] = on
+        line = next(ln for ln in report.table(res, report.summarize_all(res)).splitlines()
+                    if ln.startswith("pages:"))
+        assert words in line
+
+
+def test_release_pages_is_the_default_and_can_be_turned_off():
+    import bench
+    assert bench.Config(False, None).release_pages is True
+    parse = bench._parser().parse_args
+    assert parse([]).release_pages is True
+    assert parse(["--release-pages"]).release_pages is True
+    assert parse(["--no-release-pages"]).release_pages is False
+
+
 def test_two_plain_files_bound_a_pairs_seq_write_cells():
     """The seq-write row carries what two plain files made of it (per file):
     xpair on QEMU's and repdisk's primaries, xQEMU on the two files' row, and
@@ -191,12 +212,14 @@ def test_two_plain_files_are_written_at_once_and_reported_per_file(tmp_path):
     cfg = bench.Config(quick=True, reps=1)
     cfg.fio_size = 8 << 20
     t = PlainPairTarget(str(tmp_path), cfg.fio_size)
+    t.bench_dir = str(tmp_path)  # as section_fio sets it: the release after the 1 MiB job (the default)
     tres: dict = {}
     bench._fio_job(cfg, tres, "plain-pair", t, None, "direct", "seqwrite", everyone=[t])
     cell = tres["direct"]["seqwrite"]
     assert cell["errors"] == []
     (r,) = cell["runs"]
     assert r["ios"] == 2 * 8  # 1 MiB writes, 8 per file
+    assert "released_mib" in r  # --release-pages is on by default
     for i in range(2):
         st = os.stat(tmp_path / f"pair.{i}.img")
         assert st.st_size == 8 << 20 and st.st_blocks * 512 >= 8 << 20  # written, not a hole

@@ -75,7 +75,7 @@ class Config:
         self.rss_disk = 1 * TiB
         self.fio_workloads = list(WORKLOADS)
         self.perf_dir = None  # --perf: a system-wide perf profile of every fio job
-        self.release_pages = False  # --release-pages (_release_pages)
+        self.release_pages = True  # --no-release-pages turns it off (_release_pages)
 
     def as_dict(self):
         return {k: v for k, v in vars(self).items()}
@@ -541,7 +541,7 @@ def repdisk_available() -> tuple[bool, str]:
     return True, ""
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="smaller sizes, shorter fio runs, fewer targets (about 5-10 minutes)")
@@ -560,10 +560,17 @@ def main(argv=None) -> int:
                     help="record a system-wide perf profile (cpu-clock, call graphs) of every fio job "
                          "into DIR and summarize it in the log and the JSON (idle share, top symbols); "
                          "sampling costs a little, so keep such runs out of the table of record")
-    ap.add_argument("--release-pages", action="store_true",
+    ap.add_argument("--release-pages", action=argparse.BooleanOptionalAction, default=True,
                     help="after each 1 MiB job, drop the target's images from the page cache, so that "
                          "every target's first-touch job starts from the same memory (see _release_pages; "
-                         "later rows then read uncached images)")
+                         "later rows then read uncached images). On by default; --no-release-pages "
+                         "measures the old way, where a target's 1 MiB figure depends on its place in "
+                         "the order")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
 
     sections = []

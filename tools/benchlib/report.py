@@ -388,6 +388,11 @@ def table(res: dict, summary: dict) -> str:
         if "reported_mib" in meta:
             line += f"; {meta['reported_mib']:,} MiB of free memory reported to the host during the run"
         lines.append(line)
+    if "release_pages" in meta["config"]:
+        lines.append("pages: each target's images left the page cache after its 1 MiB job (--release-pages)"
+                     if meta["config"]["release_pages"] else
+                     "pages: kept after each 1 MiB job (--no-release-pages): a target's 1 MiB figures depend "
+                     "on its place in the order")
     if meta["config"].get("perf_dir"):
         lines.append(f"profiled: perf sampled the whole machine during every fio job "
                      f"({meta['config']['perf_dir']}); the figures carry its cost")
