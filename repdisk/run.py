@@ -34,6 +34,18 @@ def secondary_server(node):
     return server
 
 
+def write_behind(image, every: int):
+    """--write-behind: a WriteBehind thread fed by the image's large writes,
+    or None when it is off."""
+    if not every:
+        return None
+    from .node.writebehind import WriteBehind
+
+    behind = WriteBehind(image)
+    image.set_write_behind(every, behind.add)
+    return behind
+
+
 def run_secondary(args) -> int:
     from .core.stack import SecondaryStack
     from .edge.fuse import invalidate_disk
@@ -44,6 +56,7 @@ def run_secondary(args) -> int:
     _, prefix = state_paths(args)
     stack = SecondaryStack(image, f"{prefix}.hidden", f"{prefix}.active", args.block_size)
     node = SecondaryNode(stack, listen=args.listen, invalidate=invalidate_disk, meta_path=f"{prefix}.meta")
+    node.write_behind = write_behind(image, args.write_behind)
     server = secondary_server(node)
 
     async def shutdown():
@@ -65,6 +78,8 @@ def run_secondary(args) -> int:
             services=[nbd_service], on_ready=ready, shutdown=shutdown,
             direct_writes=args.direct_writes == "on"))
     finally:
+        if node.write_behind is not None:
+            node.write_behind.close()
         stack.close()
         os.close(lock)
     return 0
@@ -86,6 +101,7 @@ def run_primary(args) -> int:
                        batch_delay=args.async_batch_delay / 1000, reply_poll_us=args.reply_poll_us,
                        al_durability=args.al_durability, replica_first=args.replica_first == "on",
                        flush_interval=args.flush_interval)
+    node.write_behind = write_behind(image, args.write_behind)
 
     async def main():
         # Connect before mounting, so that a secondary of the wrong size is
@@ -114,6 +130,8 @@ def run_primary(args) -> int:
     try:
         trio.run(main)
     finally:
+        if node.write_behind is not None:
+            node.write_behind.close()
         image.close()
         os.close(lock)
     return 0

@@ -88,6 +88,13 @@ def _bounce_buffer(n: int) -> memoryview:
     return memoryview(buf)[:n]
 
 
+# Write-behind (RawImage.set_write_behind): writes of at least this size count
+# as a stream (a VM writing a big file, an initial sync, the primary's writes of
+# it arriving at the secondary); every `--write-behind` bytes of them, their
+# span goes to the kernel's write-back.  4 KiB random writes never do: left in
+# the page cache they may be overwritten, and cost no disk write until a flush.
+WRITE_BEHIND_MIN = 64 << 10
+
 # sync_file_range(2), which the os module lacks: start writing a range back
 # without waiting for it.
 _sync_file_range = getattr(_libc, "sync_file_range", None)
@@ -113,6 +120,38 @@ class RawImage:
         self.direct_bytes = 0  # written with O_DIRECT (status, tests)
         # Destinations copy_file_range refused: copy_to reads and writes instead.
         self._copy_by_reading: set[str] = set()
+        # set_write_behind: the span and bytes of large writes not handed over yet.
+        self._behind = None
+        self._behind_every = 0
+        self._behind_lo = self._behind_hi = self._behind_bytes = 0
+
+    def set_write_behind(self, every: int, start) -> None:
+        """After each `every` bytes written through the page cache in writes
+        of at least WRITE_BEHIND_MIN, call start(offset, length) with the span
+        they covered: the caller starts its write-back (node.writebehind, a
+        thread), so that an fsync after a stream of writes has only its tail
+        left to write.  every=0 or start=None: off."""
+        self._behind = start if every > 0 else None
+        self._behind_every = every if self._behind is not None else 0
+        self._behind_bytes = 0
+
+    @property
+    def write_behind_every(self) -> int:
+        return self._behind_every
+
+    def _wrote_large(self, offset: int, length: int) -> None:
+        end = offset + length
+        if self._behind_bytes:
+            if offset < self._behind_lo:
+                self._behind_lo = offset
+            if end > self._behind_hi:
+                self._behind_hi = end
+        else:
+            self._behind_lo, self._behind_hi = offset, end
+        self._behind_bytes += length
+        if self._behind_bytes >= self._behind_every:
+            self._behind_bytes = 0
+            self._behind(self._behind_lo, self._behind_hi - self._behind_lo)
 
     @classmethod
     def open(cls, path: str, size: int | None = None) -> "RawImage":
@@ -185,16 +224,17 @@ class RawImage:
         try:
             if total <= WRITE_PIECE:  # most writes: one syscall, no view
                 n = os.pwrite(self.fd, buf, offset)
-                if n == total:
-                    return
-            mv = memoryview(buf)
-            while n < total:
-                k = os.pwrite(self.fd, mv[n : n + WRITE_PIECE], offset + n)
-                if k <= 0:  # never for a regular file; do not spin on it
-                    raise OSError(errno.EIO, f"write made no progress after {n} bytes")
-                n += k
+            if n < total:
+                mv = memoryview(buf)
+                while n < total:
+                    k = os.pwrite(self.fd, mv[n : n + WRITE_PIECE], offset + n)
+                    if k <= 0:  # never for a regular file; do not spin on it
+                        raise OSError(errno.EIO, f"write made no progress after {n} bytes")
+                    n += k
         except OSError as e:
             raise IOFailure(f"write {self.path} at {offset}", e) from None
+        if total >= WRITE_BEHIND_MIN and self._behind is not None:
+            self._wrote_large(offset, total)
 
     def _pwrite_direct(self, buf, offset: int) -> bool:
         """Write an aligned range with O_DIRECT.  False when nothing was

@@ -97,6 +97,7 @@ class PrimaryNode:
                  replica_first: bool = True, flush_interval: float = FLUSH_INTERVAL,
                  flush_bytes: int = FLUSH_BYTES):
         self.image = image
+        self.write_behind = None  # a WriteBehind fed by the image (--write-behind), set by run.py
         self.geometry = Geometry(image.size, block_size)
         self.uri = uri
         self.mode = mode
@@ -1338,6 +1339,7 @@ class PrimaryNode:
             "writes_forwarded": self.writes_forwarded,
             "writes_marked_dirty": self.writes_marked,
             "direct_write_bytes": self.image.direct_bytes,
+            "write_behind": self.write_behind.as_dict() if self.write_behind is not None else None,
             "node_id": self.meta.node,
             "disk_id": self.meta.disk,
             "generation": f"{self.meta.gen:x}",

@@ -10,7 +10,6 @@ view write waits while a block it touches is being copied (`_commit_window`).
 """
 
 import logging
-import queue
 import threading
 
 import trio
@@ -22,6 +21,7 @@ from ..core.recvmap import ReceivedMap
 from ..core.stack import SecondaryStack
 from . import state as st
 from .control import Progress, parse_command
+from .writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class SecondaryNode:
         self._lock = trio.Lock()  # one command at a time
         # Held around every stack call: the NBD server's thread takes it too.
         self.io_lock = threading.Lock()
+        self.write_behind = None  # a WriteBehind fed by the replica image (--write-behind), set by run.py
 
     @property
     def size(self) -> int:
@@ -181,6 +182,7 @@ class SecondaryNode:
             "hidden_bytes": self.stack.hidden.used_bytes,
             "active_bytes": self.stack.active.used_bytes,
             "direct_write_bytes": self.stack.active.file.direct_bytes + self.stack.replica.direct_bytes,
+            "write_behind": self.write_behind.as_dict() if self.write_behind is not None else None,
             "peer": self.peer,
             "listen": self.listen,
             "node_id": self.meta.node,
@@ -272,31 +274,3 @@ class SecondaryNode:
                 behind.add(*stack.geometry.byte_range(w.first, w.end))
         finally:
             behind.close()
-
-
-class WriteBehind:
-    """Starts the write-back of ranges of an image as they are handed over
-    (`RawImage.write_back_soon`), in a thread of its own, and never waits
-    for it to finish: only a head start for a later fsync, which reports
-    any error."""
-
-    def __init__(self, image):
-        self.image = image
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
-        self._thread.start()
-
-    def add(self, offset: int, length: int) -> None:
-        if length:
-            self._queue.put((offset, length))
-
-    def close(self) -> None:
-        """Start nothing more (the fsync that follows writes what is left);
-        returns at once."""
-        self._closed = True
-        self._queue.put(None)
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None and not self._closed:
-            self.image.write_back_soon(*item)

@@ -1,0 +1,102 @@
+"""Write-behind (--write-behind): an image hands the span of each N bytes of
+large writes to a thread that starts their write-back, so that an fsync after
+a stream of writes has only its tail left to write."""
+
+import ctypes
+import os
+import struct
+import time
+
+import pytest
+
+from repdisk.core.image import WRITE_BEHIND_MIN, RawImage
+from repdisk.node.writebehind import WriteBehind
+
+MiB = 1 << 20
+
+
+def test_large_writes_are_handed_over_every_n_bytes_with_their_span(tmp_path):
+    img = RawImage.open(str(tmp_path / "d.img"), 64 * MiB)
+    spans = []
+    img.set_write_behind(4 * MiB, lambda off, n: spans.append((off, n)))
+    data = os.urandom(MiB)
+    for i in range(3):  # 3 MiB: not yet
+        img.pwrite(data, 10 * MiB + i * MiB)
+    assert spans == []
+    img.pwrite(data, 2 * MiB)  # the 4th MiB, below the others: the span reaches down to it
+    assert spans == [(2 * MiB, 11 * MiB)]
+    for i in range(4):  # the next 4 MiB, counted afresh
+        img.pwrite(data, 20 * MiB + i * MiB)
+    assert spans[1:] == [(20 * MiB, 4 * MiB)]
+    assert img.write_behind_every == 4 * MiB
+    img.close()
+
+
+def test_small_and_direct_writes_are_not_handed_over(tmp_path):
+    img = RawImage.open(str(tmp_path / "d.img"), 64 * MiB)
+    spans = []
+    img.set_write_behind(WRITE_BEHIND_MIN, lambda off, n: spans.append((off, n)))
+    small = os.urandom(WRITE_BEHIND_MIN - 4096)
+    for i in range(8):  # random 4-60 KiB writes stay in the page cache for the flush
+        img.pwrite(small, i * MiB)
+    assert spans == []
+    img.pwrite(os.urandom(WRITE_BEHIND_MIN), 32 * MiB, direct=True)  # O_DIRECT: nothing cached
+    if img.direct_bytes:  # the file system took O_DIRECT (not tmpfs)
+        assert spans == []
+    img.pwrite(os.urandom(WRITE_BEHIND_MIN), 40 * MiB)
+    assert spans[-1] == (40 * MiB, WRITE_BEHIND_MIN)
+    handed = len(spans)
+    img.set_write_behind(0, spans.append)  # off
+    img.pwrite(os.urandom(2 * WRITE_BEHIND_MIN), 48 * MiB)
+    assert img.write_behind_every == 0 and len(spans) == handed
+    img.close()
+
+
+def _cachestat(fd: int, offset: int, length: int):
+    """(pages cached, dirty, under write-back) of a range: cachestat(2),
+    Linux 6.5+; None where the kernel lacks it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    rng = ctypes.create_string_buffer(struct.pack("QQ", offset, length))
+    out = ctypes.create_string_buffer(5 * 8)
+    if libc.syscall(451, fd, rng, out, 0) != 0:  # __NR_cachestat on x86_64
+        return None
+    cached, dirty, writeback = struct.unpack("5Q", out.raw)[:3]
+    return cached, dirty, writeback
+
+
+def test_the_thread_gets_the_pages_written_back_before_any_fsync(tmp_path):
+    """The real effect: the pages of a stream leave the dirty state without
+    an fsync; without write-behind they stay dirty (the kernel waits up to
+    30 s, or for the fsync)."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("cachestat's syscall number is x86_64's here")
+    results = {}
+    for on in (False, True):
+        img = RawImage.open(str(tmp_path / f"d{on}.img"), 64 * MiB)
+        if _cachestat(img.fd, 0, 0) is None:
+            img.close()
+            pytest.skip("no cachestat(2) in this kernel")
+        behind = WriteBehind(img) if on else None
+        if on:
+            img.set_write_behind(8 * MiB, behind.add)
+        data = os.urandom(MiB)
+        for i in range(16):
+            img.pwrite(data, i * MiB)
+        deadline = time.monotonic() + 10
+        while True:
+            _, dirty, _ = _cachestat(img.fd, 0, 16 * MiB)
+            done = not on or (behind.started_bytes == 16 * MiB and dirty <= 8 * MiB // 4096)
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        results[on] = dirty
+        if on:
+            assert behind.started_bytes == 16 * MiB
+            assert behind.as_dict() == {"every_bytes": 8 * MiB, "started_bytes": 16 * MiB}
+            behind.close()
+        img.fsync()
+        img.close()
+    if results[False] == 0:
+        pytest.skip("this file system keeps no dirty pages (tmpfs?)")
+    assert results[False] >= 15 * MiB // 4096  # the stream waits for the fsync
+    assert results[True] <= 8 * MiB // 4096  # at least the first 8 MiB went to disk already
