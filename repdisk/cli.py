@@ -71,11 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "4 KiB aligned, from an O_DIRECT opener of disk.img (a hypervisor's cache=none) go into this "
                         "node's image past its page cache; what they wrote is then read from disk (default off: every "
                         "write goes through the page cache)")
-        sp.add_argument("--write-behind", type=_size_or_off, default=8 << 20, metavar="SIZE",
+        sp.add_argument("--write-behind", type=_size_or_off, default=None, metavar="SIZE",
                         help="after each SIZE written to this node's image in writes of 64 KiB and more (a VM "
                         "writing a big file, the primary's writes of it on the secondary), start writing them "
                         "to disk in the background, so that the VM's next fsync has only the rest to wait for "
-                        "(default 8M; 0 or off: leave it all to the kernel and that fsync)")
+                        "(0 or off: leave it all to the kernel and that fsync; default 8M, but off on a primary "
+                        "in async mode, where it slowed streams of writes down)")
 
     s = sub.add_parser("secondary", help="run a secondary node: NBD server for the primary + FUSE view")
     common(s)
@@ -124,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--size", default="1G", help="disk size of new images (default 1G)")
     pa.add_argument("--mode", choices=("sync", "async"), default="sync")
     pa.add_argument("--direct-writes", choices=("on", "off"), default="off", help="as for each node (default off)")
-    pa.add_argument("--write-behind", type=_size_or_off, default=8 << 20, metavar="SIZE",
-                    help="as for each node (default 8M)")
+    pa.add_argument("--write-behind", type=_size_or_off, default=None, metavar="SIZE",
+                    help="as for each node (default: each node's)")
 
     st = sub.add_parser("status", help="print a node's status (the control file) and exit")
     st.add_argument("mount", help="the node's mount point")

@@ -33,7 +33,9 @@ def run_pair(args) -> int:
     sock = os.path.join(state, "secondary.sock")
     pri_mount, sec_mount = os.path.join(mounts, "primary"), os.path.join(mounts, "secondary")
     exe = [sys.executable, "-m", "repdisk"]
-    size = ["--size", args.size, "--direct-writes", args.direct_writes, "--write-behind", str(args.write_behind)]
+    size = ["--size", args.size, "--direct-writes", args.direct_writes]
+    if args.write_behind is not None:
+        size += ["--write-behind", str(args.write_behind)]
     procs = []
     # Ctrl-C and SIGTERM stop the pair, even when SIGINT came in ignored (a
     # shell starts background jobs with SIGINT ignored, and Python keeps that).

@@ -386,8 +386,8 @@ def test_write_behind_hands_a_streams_writes_to_write_back_on_both_nodes(nodes, 
     size = 32 << 20
     pri, sec = start_pair(nodes, tmp_path, size=size, both=("--write-behind", setting))
     data = random.Random(5).randbytes(8 << 20)
-    for i in range(8):
-        write_file(pri.disk, data[i << 20 : (i + 1) << 20], (4 << 20) + (i << 20))
+    for i in range(8):  # from page-aligned memory: FUSE hands each over as one 1 MiB write
+        write_file(pri.disk, data[i << 20 : (i + 1) << 20], (4 << 20) + (i << 20), direct=True)
     pri.command("checkpoint")
     sec.command("checkpoint")
     if setting == "off":
@@ -399,3 +399,15 @@ def test_write_behind_hands_a_streams_writes_to_write_back_on_both_nodes(nodes, 
             assert node.status()["write_behind"]["every_bytes"] == 2 << 20
     assert read_file(pri.disk) == read_file(sec.disk)
     assert read_file(pri.disk)[4 << 20 : 12 << 20] == data
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_write_behind_defaults(nodes, tmp_path, mode):
+    """8 MiB on the secondary and on a sync primary; off on an async
+    primary (run.write_behind says why)."""
+    pri, sec = start_pair(nodes, tmp_path, mode=mode)
+    assert sec.status()["write_behind"]["every_bytes"] == 8 << 20
+    if mode == "sync":
+        assert pri.status()["write_behind"]["every_bytes"] == 8 << 20
+    else:
+        assert pri.status()["write_behind"] is None

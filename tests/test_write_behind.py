@@ -100,3 +100,18 @@ def test_the_thread_gets_the_pages_written_back_before_any_fsync(tmp_path):
         pytest.skip("this file system keeps no dirty pages (tmpfs?)")
     assert results[False] >= 15 * MiB // 4096  # the stream waits for the fsync
     assert results[True] <= 8 * MiB // 4096  # at least the first 8 MiB went to disk already
+
+
+def test_the_streams_thread_runs_at_idle_priority(tmp_path):
+    """idle=True (the nodes' write-behind): the thread takes only CPU time
+    nothing else wants; the failover commit's (idle=False) runs as usual."""
+    img = RawImage.open(str(tmp_path / "d.img"), MiB)
+    for idle, policy in ((True, os.SCHED_IDLE), (False, os.SCHED_OTHER)):
+        behind = WriteBehind(img, idle=idle)
+        behind.add(0, 4096)  # processed after the thread set its priority
+        deadline = time.monotonic() + 10
+        while behind.started_bytes < 4096 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.sched_getscheduler(behind._thread.native_id) == policy
+        behind.close()
+    img.close()

@@ -14,6 +14,7 @@ The call (sync_file_range WRITE) can block while the disk's queue is full
 *Tried and dropped*), so it is made from this thread, and nothing waits
 for it."""
 
+import os
 import queue
 import threading
 
@@ -24,8 +25,11 @@ class WriteBehind:
     for it to finish: only a head start for a later fsync, which reports
     any error."""
 
-    def __init__(self, image):
+    def __init__(self, image, idle: bool = False):
+        """idle: the thread runs at SCHED_IDLE priority, only on a CPU that
+        nothing else wants (the streams' write-behind: see the module doc)."""
         self.image = image
+        self.idle = idle
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self.started_bytes = 0  # handed to the kernel's write-back (status, tests)
@@ -47,6 +51,11 @@ class WriteBehind:
         self._queue.put(None)
 
     def _run(self) -> None:
+        if self.idle:
+            try:  # this thread only (pid 0 is the calling thread on Linux)
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            except (AttributeError, OSError):
+                pass  # not Linux, or refused: normal priority then
         while (item := self._queue.get()) is not None and not self._closed:
             self.image.write_back_soon(*item)
             self.started_bytes += item[1]
