@@ -483,21 +483,30 @@ def test_overlays_on_another_file_system_still_copy_before_write_and_commit(tmp_
         shutil.rmtree(other)
 
 
-def test_a_view_fsync_during_the_failover_commit_flushes_the_replica_too(tmp_path):
-    """While the commit runs, part of the view is in the replica already:
-    the VM's fsync must flush it, not only the overlays."""
+def test_a_view_fsync_flushes_the_replica_from_the_failover_on_and_nothing_before(tmp_path):
+    """While replicating, the view's fsync writes nothing back: the overlays
+    are dropped at restart anyway.  While the commit runs, part of the view
+    is in the replica already, and after it all of it: the VM's fsync
+    flushes the replica."""
     stack = make_stack(str(tmp_path), 16 * BS)
     stack.view_write(b"a" * BS, 0)
+    stack.primary_write(b"p" * BS, 4 * BS)
     calls = []
-    real = stack.replica.fsync
-    stack.replica.fsync = lambda: (calls.append(stack.committing), real())
+    for name, f in (("replica", stack.replica), ("active", stack.active.file), ("hidden", stack.hidden.file)):
+        f.fsync = (lambda name, real: lambda: (calls.append((name, stack.committing)), real()))(name, f.fsync)
     stack.flush_view()
-    assert calls == []  # not committing: the overlays hold the view's writes
+    assert calls == []  # replicating: nothing that would outlive the node
     w = next(stack.commit_windows())
     stack.commit_copy(w)
     stack.commit_done(w)
     stack.flush_view()
-    assert calls == [True]
+    assert calls == [("replica", True)]
+    for w in stack.commit_windows():
+        stack.commit_copy(w)
+        stack.commit_done(w)
+    stack.finish_commit()
+    stack.flush_view()
+    assert calls[-1] == ("replica", False)
 
 
 def test_commit_windows_take_megabytes_of_scattered_blocks_not_a_span(tmp_path):

@@ -173,15 +173,18 @@ class SecondaryStack:
         self.replica.fsync()
 
     def flush_view(self) -> None:
-        """fsync of the view (blocking).  During a failover commit the view
-        is partly in the replica already (committed chunks, and writes to
-        blocks no overlay holds): the replica too."""
-        if self.standalone:
-            self.replica.fsync()
-            return
-        self.active.file.fsync()
-        self.hidden.file.fsync()
-        if self.committing:
+        """fsync of the view (blocking).
+
+        While replicating there is nothing to make durable: the view is the
+        overlays over the replica, and the overlays do not outlive the node
+        (a restart drops them, as COLO rebuilds the secondary VM from the
+        primary), while the replica holds the primary's writes, which the
+        primary's flushes cover.  So the VM's fsync returns at once instead
+        of writing back overlay pages that no restart would ever read.
+        From the failover on, the view becomes the replica: during the commit
+        it is partly there already (committed chunks, and writes to blocks no
+        overlay holds), and after it wholly, so the replica is flushed."""
+        if self.standalone or self.committing:
             self.replica.fsync()
 
     # ---- checkpoint and failover ---------------------------------------------
