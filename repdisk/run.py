@@ -91,7 +91,7 @@ def run_secondary(args) -> int:
             direct_writes=args.direct_writes == "on"))
     finally:
         if node.write_behind is not None:
-            node.write_behind.close()
+            node.write_behind.close(wait=5.0)
         stack.close()
         os.close(lock)
     return 0
@@ -143,7 +143,7 @@ def run_primary(args) -> int:
         trio.run(main)
     finally:
         if node.write_behind is not None:
-            node.write_behind.close()
+            node.write_behind.close(wait=5.0)
         image.close()
         os.close(lock)
     return 0

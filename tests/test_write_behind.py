@@ -113,5 +113,6 @@ def test_the_streams_thread_runs_at_idle_priority(tmp_path):
         while behind.started_bytes < 4096 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert os.sched_getscheduler(behind._thread.native_id) == policy
-        behind.close()
+        behind.close(wait=5.0)
+        assert not behind._thread.is_alive()  # the image may be closed now
     img.close()

@@ -44,11 +44,15 @@ class WriteBehind:
         if length and not self._closed:
             self._queue.put((offset, length))
 
-    def close(self) -> None:
-        """Start nothing more (the fsync that follows writes what is left);
-        returns at once."""
+    def close(self, wait: float = 0.0) -> None:
+        """Start nothing more (the fsync that follows writes what is left).
+        wait: seconds to wait for a call in progress to return, before the
+        caller closes the image (its descriptor number could otherwise be
+        reused under the call); 0 returns at once."""
         self._closed = True
         self._queue.put(None)
+        if wait > 0:
+            self._thread.join(wait)
 
     def _run(self) -> None:
         if self.idle:
