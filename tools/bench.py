@@ -194,8 +194,7 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
         log(f"  {TARGET_LABEL[key]:24} {r['mibs']:8.1f} MiB/s {r['iops']:9.0f} IOPS "
             f"p50 {r['p50_us']:7.1f} us p99 {r['p99_us']:8.1f} us")
         if cfg.release_pages and wl == "seqwrite":
-            if hasattr(t, "quiesce"):
-                t.quiesce()  # async mode: what it still sends lands before the release
+            _quiesce([t])  # async mode: what it still sends lands before the release
             r["released_mib"] = _release_pages(t.bench_dir)
         if recording is not None:
             try:
@@ -233,7 +232,7 @@ def _release_pages(directory: str) -> int:
     after the first few in a repetition pay that price for their
     first-touch writes, and with it each job starts from the same state.
     The later rows then find these images uncached, on every target alike."""
-    os.sync()
+    _settle_writeback()  # dirty pages would stay
     before = _page_cache_mib()
     for root, dirs, files in os.walk(directory):
         dirs[:] = [x for x in dirs if not os.path.ismount(os.path.join(root, x))]  # FUSE mounts: not files
