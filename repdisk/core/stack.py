@@ -172,6 +172,12 @@ class SecondaryStack:
         overlays need no durability: they are dropped when the node restarts."""
         self.replica.fsync()
 
+    @property
+    def view_is_replica(self) -> bool:
+        """From the failover on the view is (becoming) the replica: its fsync
+        has something to flush (`flush_view`)."""
+        return self.standalone or self.committing
+
     def flush_view(self) -> None:
         """fsync of the view (blocking).
 
@@ -184,7 +190,7 @@ class SecondaryStack:
         From the failover on, the view becomes the replica: during the commit
         it is partly there already (committed chunks, and writes to blocks no
         overlay holds), and after it wholly, so the replica is flushed."""
-        if self.standalone or self.committing:
+        if self.view_is_replica:
             self.replica.fsync()
 
     # ---- checkpoint and failover ---------------------------------------------

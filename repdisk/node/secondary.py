@@ -167,9 +167,8 @@ class SecondaryNode:
         return self._commit_window.touches(*self.stack.geometry.blocks(offset, length))
 
     async def disk_fsync(self) -> None:
-        stack = self.stack
-        if stack.standalone or stack.committing:  # else nothing to flush (SecondaryStack.flush_view)
-            await trio.to_thread.run_sync(stack.flush_view)
+        if self.stack.view_is_replica:  # else nothing to flush, and no thread hop
+            await trio.to_thread.run_sync(self.stack.flush_view)
 
     # ---- control ------------------------------------------------------------
     def status(self) -> dict:
