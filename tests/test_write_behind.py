@@ -5,9 +5,9 @@ a stream of writes has only its tail left to write."""
 import ctypes
 import os
 import struct
-import time
 
 import pytest
+from nodes import wait_until
 
 from repdisk.core.image import WRITE_BEHIND_MIN, RawImage
 from repdisk.node.writebehind import WriteBehind
@@ -70,8 +70,9 @@ def test_the_thread_gets_the_pages_written_back_before_any_fsync(tmp_path):
     30 s, or for the fsync)."""
     if os.uname().machine != "x86_64":
         pytest.skip("cachestat's syscall number is x86_64's here")
-    results = {}
-    for on in (False, True):
+    data = os.urandom(MiB)
+
+    def stream(on: bool):
         img = RawImage.open(str(tmp_path / f"d{on}.img"), 64 * MiB)
         if _cachestat(img.fd, 0, 0) is None:
             img.close()
@@ -79,27 +80,29 @@ def test_the_thread_gets_the_pages_written_back_before_any_fsync(tmp_path):
         behind = WriteBehind(img) if on else None
         if on:
             img.set_write_behind(8 * MiB, behind.add)
-        data = os.urandom(MiB)
         for i in range(16):
             img.pwrite(data, i * MiB)
-        deadline = time.monotonic() + 10
-        while True:
-            _, dirty, _ = _cachestat(img.fd, 0, 16 * MiB)
-            done = not on or (behind.started_bytes == 16 * MiB and dirty <= 8 * MiB // 4096)
-            if done or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        results[on] = dirty
-        if on:
-            assert behind.started_bytes == 16 * MiB
-            assert behind.as_dict() == {"every_bytes": 8 * MiB, "started_bytes": 16 * MiB}
-            behind.close()
-        img.fsync()
-        img.close()
-    if results[False] == 0:
+        return img, behind
+
+    def dirty_pages(img) -> int:
+        return _cachestat(img.fd, 0, 16 * MiB)[1]
+
+    img, _ = stream(False)
+    dirty = dirty_pages(img)
+    img.fsync()
+    img.close()
+    if dirty == 0:
         pytest.skip("this file system keeps no dirty pages (tmpfs?)")
-    assert results[False] >= 15 * MiB // 4096  # the stream waits for the fsync
-    assert results[True] <= 8 * MiB // 4096  # at least the first 8 MiB went to disk already
+    assert dirty >= 15 * MiB // 4096  # the stream waits for the fsync
+
+    img, behind = stream(True)
+    # at least the first 8 MiB go to disk with no fsync
+    wait_until(lambda: behind.started_bytes == 16 * MiB and dirty_pages(img) <= 8 * MiB // 4096,
+               timeout=10, what="the stream's write-back")
+    assert behind.as_dict() == {"every_bytes": 8 * MiB, "started_bytes": 16 * MiB}
+    behind.close()
+    img.fsync()
+    img.close()
 
 
 def test_the_streams_thread_runs_at_idle_priority(tmp_path):
@@ -109,9 +112,7 @@ def test_the_streams_thread_runs_at_idle_priority(tmp_path):
     for idle, policy in ((True, os.SCHED_IDLE), (False, os.SCHED_OTHER)):
         behind = WriteBehind(img, idle=idle)
         behind.add(0, 4096)  # processed after the thread set its priority
-        deadline = time.monotonic() + 10
-        while behind.started_bytes < 4096 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: behind.started_bytes == 4096, timeout=10, what="the thread's first range")
         assert os.sched_getscheduler(behind._thread.native_id) == policy
         behind.close(wait=5.0)
         assert not behind._thread.is_alive()  # the image may be closed now
