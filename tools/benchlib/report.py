@@ -6,7 +6,7 @@ from .profile import busy_symbols
 from .util import MiB, summarize
 
 FIO_ORDER = ["plain", "plain-pair", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix", "rd-sync-tcp",
-             "rd-async-tcp", "rd-sync-unix-norf", "rd-sync-unix-dw", "rd-sec", "rd-sec-dw"]
+             "rd-async-tcp", "rd-sync-unix-norf", "rd-sync-unix-dw", "rd-async-unix-wb", "rd-sec", "rd-sec-dw"]
 CKPT_LABEL = {"qemu": "QEMU", "rd-sync": "repdisk sync", "rd-async": "repdisk async"}
 
 
@@ -126,6 +126,9 @@ def summarize_all(res: dict) -> dict:
         if dw_of and (wl, io, dw_of) in fio_summ:
             # what --direct-writes on does against the default, same run
             ratios["xdwoff"] = _ratio(s["v"], fio_summ[(wl, io, dw_of)]["v"])
+        if key == "rd-async-unix-wb" and (wl, io, "rd-async-unix") in fio_summ:
+            # what --write-behind on an async primary does against its default (off), same run
+            ratios["xwboff"] = _ratio(s["v"], fio_summ[(wl, io, "rd-async-unix")]["v"])
         extra = {"workload": wl, "io": io, "key": key}
         if s["p50"]:
             extra["p50_us"] = s["p50"]["median"]
@@ -274,8 +277,8 @@ def checks(rows: list[dict], res: dict) -> list[dict]:
         x = r["ratios"].get("xQEMU")
         key, wl = r["key"], r["workload"]
         what = f"{r['target']}: {r['item']}"
-        if "na" in r or x is None or key.endswith(("-norf", "-dw")):
-            continue  # comparisons (the log path, --direct-writes on), not the configuration with targets
+        if "na" in r or x is None or key.endswith(("-norf", "-dw", "-wb")):
+            continue  # comparisons (the log path, --direct-writes on, write-behind), not the configuration with targets
         d = disk.get((wl, r["io"]))
         note = f"two plain files: {d:.2f}x QEMU" if d is not None and key != "rd-sec" else ""
         if key == "rd-sec":
@@ -379,7 +382,7 @@ def table(res: dict, summary: dict) -> str:
              "figures: median (min-max) of the repetitions; xQEMU/xplain/xfloor/xpair = repdisk / baseline "
              "(floor: a minimal pyfuse3 passthrough of a raw file; pair: two plain files written at once, "
              "per file, what a pair's two images take of this disk; xnorf: sync unix with replica first "
-             "/ the same with --replica-first off; xdwoff: with --direct-writes on / the default (off); "
+             "/ the same with --replica-first off; xdwoff: with --direct-writes on / the default (off); xwboff: an async primary with --write-behind 8M / its default (off); "
              "for ms, MiB and x rows lower "
              "is better)"]
     ft = meta.get("first_touch")
