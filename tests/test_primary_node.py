@@ -339,6 +339,57 @@ def test_an_fsync_while_the_link_fails_still_fsyncs_locally_and_succeeds(tmp_pat
         server.stop()
 
 
+@pytest.mark.parametrize("mode", ["async", "sync-replica-first"])
+def test_the_local_fsync_waits_for_the_link_only_behind_a_replica_first_write(tmp_path, sec, mode):
+    """The VM's fsync starts our own fsync at once when every request on the
+    link already wrote our page cache (async mode: the write is on our disk
+    before it is sent), so our disk writes back while the queue drains.  A
+    replica-first write writes our disk only once the secondary answered:
+    behind one, our fsync waits until the link settled, and then covers it."""
+    at = 5 * EXTENT + 4096
+    data = b"q" * 8192
+    real, release = sec.stack.primary_write, threading.Event()
+
+    def held_write(buf, offset):
+        if offset == at:
+            release.wait(10)
+        real(buf, offset)
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        await node.disk_fsync()
+        image, real_fsync, seen = node.image, node.image.fsync, []
+
+        def writes_on_the_link():
+            w = node.link.statistics()["write"]
+            return w["submitted"] - w["completed"]
+
+        def watching_fsync():  # in a worker thread
+            seen.append((writes_on_the_link(), bytes(image.pread(at, len(data)))))
+            real_fsync()
+
+        image.fsync = watching_fsync
+        sec.stack.primary_write = held_write
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.disk_write, at, data)  # async: returns once sent
+            await until(lambda: writes_on_the_link() == 1)
+            assert bool(node._rf_busy) == (mode != "async")
+            nursery.start_soon(node.disk_fsync)
+            await until(node._flush_lock.locked)
+            if mode == "async":
+                await until(lambda: seen)
+                assert seen == [(1, data)]  # started with the write still on the link
+            else:
+                await trio.sleep(0.3)
+                assert not seen, "our fsync started before the replica-first write reached our disk"
+            release.set()
+        assert seen == [(1 if mode == "async" else 0, data)], seen
+        assert sec.data[at:at + len(data)] == data and node.state == st.P_REPLICATING
+
+    node = make_node(tmp_path, sec, mode=mode.split("-")[0], replica_first=mode != "async", flush_interval=30)
+    trio.run(run_node, node, body)
+
+
 def test_misses_at_once_share_one_log_write(tmp_path, sec):
     """Group commit: writes to new extents that arrive while the log is being
     stored wait for the next store together, not one store each."""

@@ -1037,9 +1037,10 @@ class PrimaryNode:
     async def _flush(self, link) -> RepdiskError | None:
         """The flush protocol (repdisk.core.recvmap): one at a time; wait for
         every request sent before (replica-first ones are then on our disk
-        too); NBD FLUSH and our own fsync at once (each writes a page cache
-        back; on two hosts the wait is the longer, not the sum); the next
-        flush starts only after both.  After a failed local fsync the page
+        too), then NBD FLUSH; our own fsync alongside (each writes a page
+        cache back; on two hosts the wait is the longer, not the sum), from
+        the start unless a replica-first write is in flight (`_flush_both`);
+        the next flush starts only after both.  After a failed local fsync the page
         cache may have dropped writes the secondary has: our disk is repaired
         from the secondary (`_repair_from_replica`); if that cannot be done,
         no NBD FLUSH is sent again, so the secondary keeps their ranges in its
@@ -1073,23 +1074,31 @@ class PrimaryNode:
         for the resync, a failed local fsync is kept for the next flush."""
         remote = local = None
         remote_ok = False
+        # Every request started so far has its data in our page cache, unless
+        # a replica-first write waits for its reply (it writes our disk then):
+        # our fsync need not wait for the link to settle, and an async
+        # primary's fsync writes back while the queue drains.  With one in
+        # flight it waits, so that it covers every write started before this
+        # flush (what a failed fsync leaves in doubt: _repair_from_replica).
+        early = not self._rf_busy
+        settled = trio.Event()
         try:
-            try:
-                await link.settle()
-            except RepdiskError as e:  # the link failed: our own fsync still runs
-                remote = e
-
             async def flush_remote():
                 nonlocal remote, remote_ok
                 try:
+                    try:
+                        await link.settle()
+                    finally:
+                        settled.set()
                     await link.flush()
                     remote_ok = True
-                except RepdiskError as e:
+                except RepdiskError as e:  # the link failed: our own fsync still runs
                     remote = e
 
             async with trio.open_nursery() as nursery:
-                if remote is None:
-                    nursery.start_soon(flush_remote)
+                nursery.start_soon(flush_remote)
+                if not early:
+                    await settled.wait()
                 try:
                     await trio.to_thread.run_sync(self.image.fsync)
                 except RepdiskError as e:
