@@ -800,8 +800,8 @@ def test_the_secondary_serves_its_received_map_read_only(tmp_path, sec):
 
 def test_a_sequential_stream_logs_the_next_extent_ahead_and_keeps_the_parallel_path(tmp_path, sec):
     """Replica first writes the local image only after the round trip; a
-    stream of 1 MiB writes puts the extent after its own into the log in the
-    background, so past its first extent it finds each one logged."""
+    stream of 1 MiB writes puts the extents after its own into the log in
+    the background, so past its first extent it finds each one logged."""
 
     async def body(node):
         await wait_state(node, st.P_REPLICATING)
@@ -816,6 +816,33 @@ def test_a_sequential_stream_logs_the_next_extent_ahead_and_keeps_the_parallel_p
         await node.checkpoint()
 
     node = make_node(tmp_path, sec, replica_first=True, flush_interval=0)
+    trio.run(run_node, node, body)
+    assert sec.data == node.image.pread(0, SIZE)
+
+
+@pytest.mark.parametrize("mode", ["async", "sync-replica-first-off"])
+def test_a_stream_waits_for_the_log_only_in_its_first_extent(tmp_path, sec, mode):
+    """Without replica first (async mode, --replica-first off) a write into
+    an extent the log does not hold waits for the log's store (an
+    fdatasync).  A sequential stream puts the LOG_AHEAD extents after its
+    own into the log in the background, so only its first extent waits;
+    status counts the writes that waited."""
+    from repdisk.node.primary import LOG_AHEAD
+
+    async def body(node):
+        await wait_state(node, st.P_REPLICATING)
+        chunk, base = 1 << 20, 16 * EXTENT
+        waits = node.status()["activity_log"]["waits"]
+        for i in range(12 * EXTENT // chunk):
+            await node.disk_write(base + i * chunk, bytes([i + 1]) * chunk)
+            if i == 1:  # the first write that continues one: the window is asked for at once
+                assert set(range(17, 17 + LOG_AHEAD)) <= set(node._al) | node._al_bg
+            await until(lambda: not node._al_bg)  # a pace that leaves room for the background store
+        assert node.status()["activity_log"]["waits"] - waits == 1  # the first extent's first write
+        assert node.writes_replica_first == 0
+        await node.checkpoint()
+
+    node = make_node(tmp_path, sec, mode=mode.split("-")[0], replica_first=False, flush_interval=0)
     trio.run(run_node, node, body)
     assert sec.data == node.image.pread(0, SIZE)
 

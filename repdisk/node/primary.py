@@ -62,6 +62,10 @@ REPAIR_PIECE = 4 << 20  # a repair compares the ranges in doubt in pieces of at 
 REPAIR_BATCH = 64  # pieces read at once (pipelined), then compared in one thread hop,
 REPAIR_BATCH_BYTES = 32 << 20  # and at most this many bytes of them (a repair holds two batches)
 RECENT_ENDS = 32  # write ends remembered to tell a sequential stream (_log_ahead)
+# A sequential stream keeps the next LOG_AHEAD extents (32 MiB) in the log, so
+# that it does not wait for a log store (an fdatasync, 8-15 ms while the disk
+# writes back) when it crosses into one; a crash resyncs at most that much more.
+LOG_AHEAD = 8
 # While replica-first writes are unflushed, both sides are flushed once the
 # secondary's map has taken FLUSH_BYTES of them since the last flush, or
 # FLUSH_INTERVAL seconds after it: a crash of our host resyncs about three
@@ -213,6 +217,7 @@ class PrimaryNode:
         self._al_fd = None
         self.al_writes = 0
         self.al_evictions = 0
+        self.al_waits = 0  # writes that waited for a log store
         if al_path is not None:
             self._al_fd = os.open(al_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             os.ftruncate(self._al_fd, 0)
@@ -362,18 +367,26 @@ class PrimaryNode:
         except OSError as e:
             raise IOFailure(f"activity log {self.al_path}: cannot store it", e) from None
 
-    async def _al_enter(self, e0: int, e1: int) -> None:
-        """Make extents e0..e1 active (persisted in the log) before data is written there."""
+    async def _al_enter(self, e0: int, e1: int, *, background: bool = False) -> None:
+        """Make extents e0..e1 active (persisted in the log) before data is
+        written there.  A write that has to wait for a store counts in
+        `al_waits` (once), a background add (`_al_soon`) does not."""
+        counted = background
         for e in range(e0, e1 + 1):
             ev = self._al.get(e)
+            if ev is not None:
+                self._al.move_to_end(e)
+                if ev.is_set():
+                    continue
+            if not counted:
+                self.al_waits += 1
+                counted = True
             if ev is None:
                 await self._al_add(e)
             else:
-                self._al.move_to_end(e)
-                if not ev.is_set():
-                    await ev.wait()
-                    if self._al.get(e) is not ev:  # the store we waited for failed: try ours
-                        await self._al_add(e)
+                await ev.wait()
+                if self._al.get(e) is not ev:  # the store we waited for failed: try ours
+                    await self._al_add(e)
 
     async def _al_add(self, e: int) -> None:
         ev = self._al[e] = trio.Event()
@@ -815,10 +828,9 @@ class PrimaryNode:
             busy = self._al_busy
             _count(busy, e0, e1, 1)
             try:
-                if self._rf_ok:
-                    self._log_ahead(offset, offset + len(buf))
-                    if self._rf_wanted(e0, e1):
-                        return await self._write_replica_first(offset, buf, e0, e1, direct)
+                self._log_ahead(offset, offset + len(buf))
+                if self._rf_ok and self._rf_wanted(e0, e1):
+                    return await self._write_replica_first(offset, buf, e0, e1, direct)
                 await self._al_enter(e0, e1)
                 await self._write(offset, buf, direct)
             finally:
@@ -830,10 +842,11 @@ class PrimaryNode:
 
     def _log_ahead(self, start: int, end: int) -> None:
         """A write that continues an earlier one (a sequential stream) puts
-        the extent after its own into the log in the background, so that the
-        stream finds it logged and keeps the parallel path (replica first
-        writes the local image only after the round trip, which a stream of
-        large writes into new extents would pay on every write)."""
+        the LOG_AHEAD extents after its own into the log in the background,
+        so that the stream finds them logged.  Without it, each extent the
+        stream enters costs a write that waits for the log's fdatasync (async
+        mode, --replica-first off) or goes replica first, which writes the
+        local image only after the round trip (sync mode)."""
         ends = self._recent_ends
         seq = start in ends
         if seq:
@@ -842,9 +855,12 @@ class PrimaryNode:
         if len(ends) > RECENT_ENDS:
             ends.popitem(last=False)
         if seq:
-            nxt = (end >> AL_SHIFT) + 1
-            if nxt << AL_SHIFT < self.geometry.size and nxt not in self._al and nxt not in self._al_bg:
-                self._al_soon(nxt)
+            al, bg = self._al, self._al_bg
+            first = ((end - 1) >> AL_SHIFT) + 1
+            last = min(first + LOG_AHEAD, ((self.geometry.size - 1) >> AL_SHIFT) + 1)
+            for e in range(first, last):
+                if e not in al and e not in bg:
+                    self._al_soon(e)
 
     def _rf_wanted(self, e0: int, e1: int) -> bool:
         """Replica first: an extent not (yet) durably in the log, or one with a
@@ -928,13 +944,17 @@ class PrimaryNode:
 
     def _al_soon(self, e: int) -> None:
         """Start putting extent `e` (not in the log, nor being put there) into
-        the log in the background."""
+        the log in the background (on the link's nursery: with no link, the
+        write that needs it puts it there)."""
+        nursery = self._link_nursery
+        if nursery is None:
+            return
         self._al_bg.add(e)
-        self._link_nursery.start_soon(self._al_bg_add, e)
+        nursery.start_soon(self._al_bg_add, e)
 
     async def _al_bg_add(self, e: int) -> None:
         try:
-            await self._al_enter(e, e)
+            await self._al_enter(e, e, background=True)
         except RepdiskError as err:  # the next write there tries again
             log.warning("activity log: extent %d not added in the background: %s", e, err)
         finally:
@@ -1356,7 +1376,7 @@ class PrimaryNode:
             "resync_kind": self.resync_kind,
             "metadata_problem": self.meta_problem,
             "activity_log": {"extents": len(self._al), "extent_bytes": 1 << AL_SHIFT, "max_extents": self.al_extents if self._al_fd is not None else 0,
-                             "writes": self.al_writes, "evictions": self.al_evictions,
+                             "writes": self.al_writes, "evictions": self.al_evictions, "waits": self.al_waits,
                              "durability": self.al_durability},
             "replica_first": {"active": self._rf_ok, "writes": self.writes_replica_first,
                               "flushes": self.flushes, "flush_broken": self._flush_broken,
