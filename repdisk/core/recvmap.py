@@ -12,9 +12,13 @@ protocol says the primary's disk holds it durably.
 
 The flush protocol (PrimaryNode._flush): the primary sends one NBD FLUSH at a
 time; for each, it first waits for every request sent before, then sends
-FLUSH, then flushes its own image, and starts the next flush only after all
-that.  So when FLUSH k+2 arrives, every write that arrived before FLUSH k is
-on the primary's disk: generation "between FLUSH k-1 and FLUSH k" may go.
+FLUSH; it flushes its own image alongside (from the start of the flush, or
+once those requests are answered if a replica-first write is among them),
+and starts the next flush only after both.  A write that arrived before
+FLUSH k was in the primary's page cache before FLUSH k was sent (its reply
+was handled by then), so before flush k+1 and its fsync began.  So when
+FLUSH k+2 arrives, every write that arrived before FLUSH k is on the
+primary's disk: generation "between FLUSH k-1 and FLUSH k" may go.
 Three generations, rotated on each FLUSH: the current one and the two before.
 
 Pure and synchronous: the secondary calls `mark` for every write, zero and
