@@ -65,6 +65,8 @@ RECENT_ENDS = 32  # write ends remembered to tell a sequential stream (_log_ahea
 # A sequential stream keeps the next LOG_AHEAD extents (32 MiB) in the log, so
 # that it does not wait for a log store (an fdatasync, 8-15 ms while the disk
 # writes back) when it crosses into one; a crash resyncs at most that much more.
+# At most a quarter of the log (--al-extents), which must also hold the
+# extents the stream is writing: a smaller log would evict them.
 LOG_AHEAD = 8
 # While replica-first writes are unflushed, both sides are flushed once the
 # secondary's map has taken FLUSH_BYTES of them since the last flush, or
@@ -214,6 +216,7 @@ class PrimaryNode:
         self._al_lock = trio.Lock()
         self._al_version = self._al_stored = 0  # changes made / persisted (group commit)
         self._al_batch = max(1, al_extents // AL_EVICT_DIVISOR)  # extents evicted at a time
+        self._al_ahead = min(LOG_AHEAD, al_extents // 4)  # extents a stream logs ahead (_log_ahead)
         self._al_fd = None
         self.al_writes = 0
         self.al_evictions = 0
@@ -842,7 +845,8 @@ class PrimaryNode:
 
     def _log_ahead(self, start: int, end: int) -> None:
         """A write that continues an earlier one (a sequential stream) puts
-        the LOG_AHEAD extents after its own into the log in the background,
+        the LOG_AHEAD extents after its own (fewer with a log of fewer than
+        4 x LOG_AHEAD extents) into the log in the background,
         so that the stream finds them logged.  Without it, each extent the
         stream enters costs a write that waits for the log's fdatasync (async
         mode, --replica-first off) or goes replica first, which writes the
@@ -857,7 +861,7 @@ class PrimaryNode:
         if seq:
             al, bg = self._al, self._al_bg
             first = ((end - 1) >> AL_SHIFT) + 1
-            last = min(first + LOG_AHEAD, ((self.geometry.size - 1) >> AL_SHIFT) + 1)
+            last = min(first + self._al_ahead, ((self.geometry.size - 1) >> AL_SHIFT) + 1)
             for e in range(first, last):
                 if e not in al and e not in bg:
                     self._al_soon(e)
