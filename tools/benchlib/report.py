@@ -8,6 +8,10 @@ from .util import MiB, summarize
 FIO_ORDER = ["plain", "plain-pair", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix", "rd-sync-tcp",
              "rd-async-tcp", "rd-sync-unix-norf", "rd-sync-unix-dw", "rd-async-unix-wb", "rd-sec", "rd-sec-dw"]
 CKPT_LABEL = {"qemu": "QEMU", "rd-sync": "repdisk sync", "rd-async": "repdisk async"}
+# A setting measured next to the default in the same run: variant -> (the
+# default's target, its ratio to it).  Variants carry no target check.
+AGAINST_DEFAULT = {"rd-sync-unix-dw": ("rd-sync-unix", "xdwoff"), "rd-sec-dw": ("rd-sec", "xdwoff"),
+                   "rd-async-unix-wb": ("rd-async-unix", "xwboff")}
 
 
 def _qemu_peer(key: str) -> str | None:
@@ -122,13 +126,10 @@ def summarize_all(res: dict) -> dict:
         if key == "rd-sync-unix" and IS_WRITE[wl] and (wl, io, "rd-sync-unix-norf") in fio_summ:
             # what replica first buys over the activity log path, same run
             ratios["xnorf"] = _ratio(s["v"], fio_summ[(wl, io, "rd-sync-unix-norf")]["v"])
-        dw_of = {"rd-sync-unix-dw": "rd-sync-unix", "rd-sec-dw": "rd-sec"}.get(key)
-        if dw_of and (wl, io, dw_of) in fio_summ:
-            # what --direct-writes on does against the default, same run
-            ratios["xdwoff"] = _ratio(s["v"], fio_summ[(wl, io, dw_of)]["v"])
-        if key == "rd-async-unix-wb" and (wl, io, "rd-async-unix") in fio_summ:
-            # what --write-behind on an async primary does against its default (off), same run
-            ratios["xwboff"] = _ratio(s["v"], fio_summ[(wl, io, "rd-async-unix")]["v"])
+        default, name = AGAINST_DEFAULT.get(key, (None, None))
+        if default and (wl, io, default) in fio_summ:
+            # what --direct-writes on / --write-behind does against the default, same run
+            ratios[name] = _ratio(s["v"], fio_summ[(wl, io, default)]["v"])
         extra = {"workload": wl, "io": io, "key": key}
         if s["p50"]:
             extra["p50_us"] = s["p50"]["median"]
@@ -277,7 +278,7 @@ def checks(rows: list[dict], res: dict) -> list[dict]:
         x = r["ratios"].get("xQEMU")
         key, wl = r["key"], r["workload"]
         what = f"{r['target']}: {r['item']}"
-        if "na" in r or x is None or key.endswith(("-norf", "-dw", "-wb")):
+        if "na" in r or x is None or key.endswith("-norf") or key in AGAINST_DEFAULT:
             continue  # comparisons (the log path, --direct-writes on, write-behind), not the configuration with targets
         d = disk.get((wl, r["io"]))
         note = f"two plain files: {d:.2f}x QEMU" if d is not None and key != "rd-sec" else ""
