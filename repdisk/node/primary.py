@@ -862,6 +862,8 @@ class PrimaryNode:
             al, bg = self._al, self._al_bg
             first = ((end - 1) >> AL_SHIFT) + 1
             last = min(first + self._al_ahead, ((self.geometry.size - 1) >> AL_SHIFT) + 1)
+            if last <= first or last - 1 in al or last - 1 in bg:
+                return  # the window is asked for already: most writes of a stream stop here
             for e in range(first, last):
                 if e not in al and e not in bg:
                     self._al_soon(e)
