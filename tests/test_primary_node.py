@@ -15,6 +15,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 from nbd_helpers import ServerThread
 
 from repdisk.core import meta as md
@@ -380,7 +381,8 @@ def test_the_local_fsync_waits_for_the_link_only_behind_a_replica_first_write(tm
                 await until(lambda: seen)
                 assert seen == [(1, data)]  # started with the write still on the link
             else:
-                await trio.sleep(0.3)
+                # every task of ours blocked: the flush waits (for the link, or, wrongly, for our fsync's thread)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
                 assert not seen, "our fsync started before the replica-first write reached our disk"
             release.set()
         assert seen == [(1 if mode == "async" else 0, data)], seen
