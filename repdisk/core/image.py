@@ -107,11 +107,11 @@ _SYNC_FILE_RANGE_WRITE = 2
 # is mostly what small random writes or reads left: 4 KiB folios, scattered.
 # Written over, they stay 4 KiB folios, and the gaps between them get folios
 # no bigger than the gaps, so the large write goes through the page cache a
-# few KiB at a time: on this machine (tools/folio_cost.py --rewrite) 0.48-0.64
-# ms of system time per MiB, against 0.27-0.41 after dropping them first.
-# A range cached in full (written or read in big pieces, or every page of it
-# written) is left alone: dropping it costs more than it saves (0.14 -> 0.25,
-# 0.39 -> 0.63 ms/MiB), as new memory costs more than overwriting.  So is a
+# few KiB at a time: on this machine (tools/folio_cost.py --rewrite) 0.49-0.58
+# ms per MiB, against 0.25-0.41 after dropping them first.  A range cached in
+# full (written or read in big pieces, or every page of it written) is left
+# alone: dropping it costs more than it saves (0.14 -> 0.25, 0.39 -> 0.63
+# ms/MiB), as new memory costs more than overwriting.  So is a
 # range with dirty pages or pages under write-back: dropping would start
 # their write-back and make the kernel drain every CPU's page lists.
 REFOLIO_MIN = 64 << 10

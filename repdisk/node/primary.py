@@ -1374,6 +1374,7 @@ class PrimaryNode:
             "writes_forwarded": self.writes_forwarded,
             "writes_marked_dirty": self.writes_marked,
             "direct_write_bytes": self.image.direct_bytes,
+            "page_cache_drops": self.image.cache_drops,
             "write_behind": self.write_behind.as_dict() if self.write_behind is not None else None,
             "node_id": self.meta.node,
             "disk_id": self.meta.disk,

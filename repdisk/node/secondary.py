@@ -183,6 +183,8 @@ class SecondaryNode:
             "hidden_bytes": self.stack.hidden.used_bytes,
             "active_bytes": self.stack.active.used_bytes,
             "direct_write_bytes": self.stack.active.file.direct_bytes + self.stack.replica.direct_bytes,
+            "page_cache_drops": sum(f.cache_drops for f in (
+                self.stack.replica, self.stack.hidden.file, self.stack.active.file)),
             "write_behind": self.write_behind.as_dict() if self.write_behind is not None else None,
             "peer": self.peer,
             "listen": self.listen,
