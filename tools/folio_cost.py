@@ -13,6 +13,15 @@ For each piece size: the file is filled with 1 MiB writes issued as pieces of
 that size, synced, then rewritten at random 4 KiB offsets.  Printed: fill
 MiB/s and the 4 KiB write's wall and system time per write (medians over
 --reps, with min-max).
+
+    tools/folio_cost.py --rewrite [--dir DIR] [--size 256M] [--reps 3]
+
+The converse, behind repdisk.core.image.REFOLIO_MIN: what a sequential
+rewrite in 1 MiB RawImage.pwrite calls costs, per MiB, after each of the
+states a disk image's page cache is commonly in (random 4 KiB writes over a
+tenth or half of it, synced or not; all of it written in big pieces or in
+4 KiB ones; read; nothing cached), with the drop of partly cached clean
+ranges (RawImage._drop_fragments) on and off.
 """
 
 import argparse
@@ -23,7 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from repdisk.core.image import WRITE_PIECE, parse_size  # noqa: E402
+from repdisk.core.image import WRITE_PIECE, RawImage, parse_size  # noqa: E402
 
 MIB = 1 << 20
 
@@ -54,21 +63,90 @@ def one_run(path: str, size: int, piece: int, writes: int, seed: int) -> tuple[f
         os.unlink(path)
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):8.1f} ({min(values):.1f}-{max(values):.1f})"
+REWRITE_STATES = {
+    "nothing cached": "",
+    "4K writes over 1/10, synced": "scatter10 sync",
+    "4K writes over 1/2, synced": "scatter2 sync",
+    "4K writes over 1/2, dirty": "scatter2",
+    "all written in 4K, synced": "every sync",
+    "all written in 128K, synced": "big sync",
+    "all read": "read",
+}
+
+
+def rewrite_run(path: str, size: int, state: str, drop: bool, seed: int) -> tuple[float, float]:
+    """(wall, system) ms per MiB of rewriting the file in 1 MiB pwrites
+    after `state` (REWRITE_STATES' values)."""
+    img = RawImage.open(path, size)
+    try:
+        chunk = os.urandom(MIB)
+        for off in range(0, size, MIB):  # on disk, nothing cached
+            img.pwrite(chunk, off)
+        img.fsync()
+        os.posix_fadvise(img.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        rnd, small, pages = random.Random(seed), os.urandom(4096), size >> 12
+        if state.startswith("scatter"):
+            for _ in range(pages // int(state.split()[0][7:])):
+                os.pwrite(img.fd, small, rnd.randrange(pages) << 12)
+        elif state.startswith("every"):
+            order = list(range(pages))
+            rnd.shuffle(order)
+            for i in order:
+                os.pwrite(img.fd, small, i << 12)
+        elif state.startswith("big"):
+            for off in range(0, size, MIB):
+                img.pwrite(chunk, off)
+        elif state == "read":
+            for off in range(0, size, MIB):
+                os.pread(img.fd, MIB, off)
+        if state.endswith("sync"):
+            img.fsync()
+        time.sleep(0.5)  # let write-back started by the kernel settle
+        if not drop:
+            img._drop_fragments = lambda offset, length: None
+        c0, t0 = os.times(), time.perf_counter()
+        for off in range(0, size, MIB):
+            img.pwrite(chunk, off)
+        wall, c1 = time.perf_counter() - t0, os.times()
+        img.fsync()
+        return wall / (size / MIB) * 1e3, (c1.system - c0.system) / (size / MIB) * 1e3
+    finally:
+        img.close()
+        os.unlink(path)
+
+
+def rewrite_main(args, size: int, path: str) -> int:
+    print(f"{os.uname().release}, {size // MIB} MiB file in {os.path.abspath(args.dir)}, rewritten in 1 MiB "
+          f"RawImage.pwrite calls, {args.reps} reps; ms per MiB, median (min-max)")
+    print(f"{'before the rewrite':32} {'wall, no drop':>20} {'wall, drop':>20} {'sys, no drop':>20} "
+          f"{'sys, drop':>20}")
+    for label, state in REWRITE_STATES.items():
+        runs = {drop: [rewrite_run(path, size, state, drop, seed) for seed in range(args.reps)]
+                for drop in (False, True)}
+        print(f"{label:32} " + " ".join(f"{spread([r[k] for r in runs[d]], 3):>20}"
+                                        for k in (0, 1) for d in (False, True)), flush=True)
+    return 0
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    return f"{statistics.median(values):8.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=".", help="directory on the file system to measure (default: .)")
-    ap.add_argument("--size", default="512M", help="file size (default 512M)")
+    ap.add_argument("--size", help="file size (default 512M)")
     ap.add_argument("--writes", type=int, default=30000, help="random 4 KiB writes per run")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rewrite", action="store_true",
+                    help="measure 1 MiB rewrites after small writes instead (default size 256M)")
     args = ap.parse_args()
-    size = parse_size(args.size) // MIB * MIB
+    size = parse_size(args.size if args.size is not None else "256M" if args.rewrite else "512M") // MIB * MIB
     if size < MIB:
         ap.error("--size must be at least 1M")
     path = os.path.join(args.dir, f".folio_cost.{os.getpid()}")
+    if args.rewrite:
+        return rewrite_main(args, size, path)
     print(f"{os.uname().release}, {size // MIB} MiB file in {os.path.abspath(args.dir)}, "
           f"{args.writes} random 4 KiB writes, {args.reps} reps (median (min-max))")
     print(f"{'fill piece':>12} {'fill MiB/s':>22} {'4K write wall us':>22} {'4K write sys us':>22}")
