@@ -63,20 +63,21 @@ def one_run(path: str, size: int, piece: int, writes: int, seed: int) -> tuple[f
         os.unlink(path)
 
 
+# label -> (what is done to the file before the rewrite, fsync after it)
 REWRITE_STATES = {
-    "nothing cached": "",
-    "4K writes over 1/10, synced": "scatter10 sync",
-    "4K writes over 1/2, synced": "scatter2 sync",
-    "4K writes over 1/2, dirty": "scatter2",
-    "all written in 4K, synced": "every sync",
-    "all written in 128K, synced": "big sync",
-    "all read": "read",
+    "nothing cached": ("nothing", False),
+    "4K writes over 1/10, synced": ("scatter 10", True),
+    "4K writes over 1/2, synced": ("scatter 2", True),
+    "4K writes over 1/2, dirty": ("scatter 2", False),
+    "all written in 4K, synced": ("every page", True),
+    "all written in 128K, synced": ("big writes", True),
+    "all read": ("read", False),
 }
 
 
-def rewrite_run(path: str, size: int, state: str, drop: bool, seed: int) -> tuple[float, float]:
+def rewrite_run(path: str, size: int, state: tuple[str, bool], drop: bool, seed: int) -> tuple[float, float]:
     """(wall, system) ms per MiB of rewriting the file in 1 MiB pwrites
-    after `state` (REWRITE_STATES' values)."""
+    after `state` (a REWRITE_STATES value)."""
     img = RawImage.open(path, size)
     try:
         chunk = os.urandom(MIB)
@@ -85,21 +86,22 @@ def rewrite_run(path: str, size: int, state: str, drop: bool, seed: int) -> tupl
         img.fsync()
         os.posix_fadvise(img.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         rnd, small, pages = random.Random(seed), os.urandom(4096), size >> 12
-        if state.startswith("scatter"):
-            for _ in range(pages // int(state.split()[0][7:])):
+        what, sync = state
+        if what.startswith("scatter"):  # "scatter N": pages/N writes at random pages
+            for _ in range(pages // int(what.split()[1])):
                 os.pwrite(img.fd, small, rnd.randrange(pages) << 12)
-        elif state.startswith("every"):
+        elif what == "every page":
             order = list(range(pages))
             rnd.shuffle(order)
             for i in order:
                 os.pwrite(img.fd, small, i << 12)
-        elif state.startswith("big"):
+        elif what == "big writes":
             for off in range(0, size, MIB):
                 img.pwrite(chunk, off)
-        elif state == "read":
+        elif what == "read":
             for off in range(0, size, MIB):
                 os.pread(img.fd, MIB, off)
-        if state.endswith("sync"):
+        if sync:
             img.fsync()
         time.sleep(0.5)  # let write-back started by the kernel settle
         if not drop:
@@ -135,7 +137,7 @@ def spread(values: list[float], digits: int = 1) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=".", help="directory on the file system to measure (default: .)")
-    ap.add_argument("--size", help="file size (default 512M)")
+    ap.add_argument("--size", help="file size (default 512M, 256M with --rewrite)")
     ap.add_argument("--writes", type=int, default=30000, help="random 4 KiB writes per run")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rewrite", action="store_true",
