@@ -16,6 +16,8 @@ import pytest
 from model import PairModel
 from nodes import lazy_unmount, needs_fuse, read_file, wait_until, write_file
 
+from repdisk.core.image import cachestat
+
 pytestmark = needs_fuse
 
 SIZE = 8 << 20 | 1234  # not a multiple of the block size: the last block is short
@@ -221,21 +223,14 @@ def test_checkpoint_flushes_only_when_asked(nodes, tmp_path, flag):
 
 def cached_pages(path: str) -> int:
     """Pages of `path` in the page cache, by cachestat(2) (Linux 6.5)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    whole_file = (ctypes.c_uint64 * 2)(0, 0)  # struct cachestat_range {off, len}; len 0: to the end
-    stat = (ctypes.c_uint64 * 5)()  # struct cachestat: nr_cache first
     fd = os.open(path, os.O_RDONLY)
     try:
-        if libc.syscall(451, fd, whole_file, stat, 0) != 0:
-            err = ctypes.get_errno()
-            if err == errno.ENOSYS:
-                pytest.skip("no cachestat(2) in this kernel")
-            raise OSError(err, os.strerror(err), path)
+        st = cachestat(fd, 0, 0)  # length 0: to the end
     finally:
         os.close(fd)
-    return stat[0]
+    if st is None:
+        pytest.skip("no cachestat(2) in this kernel")
+    return st[0]
 
 
 def test_disk_img_is_not_cached_twice(nodes, tmp_path):

@@ -2,14 +2,12 @@
 large writes to a thread that starts their write-back, so that an fsync after
 a stream of writes has only its tail left to write."""
 
-import ctypes
 import os
-import struct
 
 import pytest
 from nodes import wait_until
 
-from repdisk.core.image import WRITE_BEHIND_MIN, RawImage
+from repdisk.core.image import WRITE_BEHIND_MIN, RawImage, cachestat
 from repdisk.node.writebehind import WriteBehind
 
 MiB = 1 << 20
@@ -52,29 +50,15 @@ def test_small_and_direct_writes_are_not_handed_over(tmp_path):
     img.close()
 
 
-def _cachestat(fd: int, offset: int, length: int):
-    """(pages cached, dirty, under write-back) of a range: cachestat(2),
-    Linux 6.5+; None where the kernel lacks it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    rng = ctypes.create_string_buffer(struct.pack("QQ", offset, length))
-    out = ctypes.create_string_buffer(5 * 8)
-    if libc.syscall(451, fd, rng, out, 0) != 0:  # __NR_cachestat on x86_64
-        return None
-    cached, dirty, writeback = struct.unpack("5Q", out.raw)[:3]
-    return cached, dirty, writeback
-
-
 def test_the_thread_gets_the_pages_written_back_before_any_fsync(tmp_path):
     """The real effect: the pages of a stream leave the dirty state without
     an fsync; without write-behind they stay dirty (the kernel waits up to
     30 s, or for the fsync)."""
-    if os.uname().machine != "x86_64":
-        pytest.skip("cachestat's syscall number is x86_64's here")
     data = os.urandom(MiB)
 
     def stream(on: bool):
         img = RawImage.open(str(tmp_path / f"d{on}.img"), 64 * MiB)
-        if _cachestat(img.fd, 0, 0) is None:
+        if cachestat(img.fd, 0, 0) is None:
             img.close()
             pytest.skip("no cachestat(2) in this kernel")
         behind = WriteBehind(img) if on else None
@@ -85,7 +69,7 @@ def test_the_thread_gets_the_pages_written_back_before_any_fsync(tmp_path):
         return img, behind
 
     def dirty_pages(img) -> int:
-        return _cachestat(img.fd, 0, 16 * MiB)[1]
+        return cachestat(img.fd, 0, 16 * MiB)[1]
 
     img, _ = stream(False)
     dirty = dirty_pages(img)

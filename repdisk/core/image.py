@@ -117,7 +117,8 @@ _SYNC_FILE_RANGE_WRITE = 2
 REFOLIO_MIN = 64 << 10
 
 # cachestat(2), Linux 6.5, which the os module lacks; the number is the same
-# on every architecture (new system calls share one table since 5.1).
+# on x86_64, arm64 and the other architectures of the table new system calls
+# share since 5.1 (alpha's differs).
 _NR_CACHESTAT = 451
 
 
@@ -139,9 +140,10 @@ _cachestat_args = threading.local()
 
 
 def cachestat(fd: int, offset: int, length: int):
-    """(cached, dirty, writeback) pages of [offset, offset+length), or None
-    where the kernel has no cachestat (before 6.5: those kernels' ext4 makes
-    no large folios either, so nothing here needs it)."""
+    """(cached, dirty, writeback) pages of [offset, offset+length) (length
+    0: to the end of the file), or None where the kernel has no cachestat
+    (before 6.5: those kernels' ext4 makes no large folios either, so
+    nothing here needs it).  Other failures raise OSError."""
     global _cachestat_ok
     if not _cachestat_ok:
         return None
@@ -153,8 +155,10 @@ def cachestat(fd: int, offset: int, length: int):
         _cachestat_args.v = rng, st, args
     rng.off, rng.len = offset, length
     if _syscall(_NR_CACHESTAT, fd, *args, 0) != 0:
-        if ctypes.get_errno() == errno.ENOSYS:
-            _cachestat_ok = False
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, os.strerror(err))
+        _cachestat_ok = False
         return None
     return st.nr_cache, st.nr_dirty, st.nr_writeback
 
@@ -305,16 +309,17 @@ class RawImage:
         hi = (offset + length) // _PAGE * _PAGE
         if hi - lo < REFOLIO_MIN:
             return
-        st = cachestat(self.fd, lo, hi - lo)
-        if st is None:
-            return
-        cached, dirty, writeback = st
-        if 0 < cached < (hi - lo) // _PAGE and not dirty and not writeback:
-            try:
-                os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
-            except OSError:
+        try:
+            st = cachestat(self.fd, lo, hi - lo)
+            if st is None:
                 return
-            self.cache_drops += 1
+            cached, dirty, writeback = st
+            if not (0 < cached < (hi - lo) // _PAGE and not dirty and not writeback):
+                return
+            os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            return
+        self.cache_drops += 1
 
     def _pwrite_direct(self, buf, offset: int) -> bool:
         """Write an aligned range with O_DIRECT.  False when nothing was
