@@ -2,7 +2,6 @@
 
 import ctypes
 import errno
-import gc
 import mmap
 import os
 import shutil
@@ -351,19 +350,16 @@ def _folios(path: str, offset: int, length: int) -> int:
     try:
         for off in range(offset, offset + length, page):
             m[off]  # map it: its frame shows in pagemap
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-        try:
-            with open("/proc/self/pagemap", "rb") as pm, open("/proc/kpageflags", "rb") as kf:
-                entries = os.pread(pm.fileno(), 8 * (length // page), 8 * ((addr + offset) // page))
-                starts = 0
-                for (entry,) in struct.iter_unpack("<Q", entries):
-                    pfn = entry & ((1 << 55) - 1)
-                    if not entry >> 63 or not pfn:  # not mapped, or frames hidden from us
-                        pytest.skip("page frames are not visible here (needs root)")
-                    (flags,) = struct.unpack("<Q", os.pread(kf.fileno(), 8, 8 * pfn))
-                    starts += not flags & KPF_COMPOUND_TAIL
-        finally:
-            gc.collect()  # the c_char view holds the mapping's buffer
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))  # the view dies here: m can close
+        with open("/proc/self/pagemap", "rb") as pm, open("/proc/kpageflags", "rb") as kf:
+            entries = os.pread(pm.fileno(), 8 * (length // page), 8 * ((addr + offset) // page))
+            starts = 0
+            for (entry,) in struct.iter_unpack("<Q", entries):
+                pfn = entry & ((1 << 55) - 1)
+                if not entry >> 63 or not pfn:  # not mapped, or frames hidden from us
+                    pytest.skip("page frames are not visible here (needs root)")
+                (flags,) = struct.unpack("<Q", os.pread(kf.fileno(), 8, 8 * pfn))
+                starts += not flags & KPF_COMPOUND_TAIL
         return starts
     finally:
         m.close()
