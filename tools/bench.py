@@ -34,8 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import first_touch  # noqa: E402
 from benchlib import profile, report  # noqa: E402
-from benchlib.fio import DESCRIPTION, WORKLOADS, job_options, run_fio, write_random  # noqa: E402
+from benchlib.fio import DESCRIPTION, IS_WRITE, WORKLOADS, job_options, run_fio, write_random  # noqa: E402
 from benchlib.targets import REPO, PassthroughTarget, PlainPairTarget, PlainTarget, QemuPair, RepdiskPair  # noqa: E402
+from repdisk.core.image import cachestat  # noqa: E402
 from benchlib.util import (GiB, MiB, TiB, BenchError, cmd_version, dump_json, log,  # noqa: E402
                            copy_image, cpu_seconds, make_filled_image, make_random_image,
                            remove_tree, rss_bytes)
@@ -179,6 +180,7 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
         if cfg.perf_dir:
             rep = len(cell["runs"]) + len(cell["errors"]) + 1
             recording = profile.Recording(os.path.join(cfg.perf_dir, f"rep{rep}-{wl}-{io}-{key}.data"))
+        cached = _cache_census(t.bench_dir) if hasattr(t, "bench_dir") else {}
         cpu0 = _cpu_of(t)
         options = job_options(wl, cfg.fio_size, cfg.runtime)
         try:
@@ -189,12 +191,15 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
             else:
                 r = run_fio(path, options, direct=(io == "direct"))
             r["daemon_cpu_s"] = _cpu_delta(cpu0, _cpu_of(t))
+            r["cached_mib_at_start"] = cached
         finally:
             if recording is not None:
                 recording.stop()
         cell["runs"].append(r)
         log(f"  {TARGET_LABEL[key]:24} {r['mibs']:8.1f} MiB/s {r['iops']:9.0f} IOPS "
             f"p50 {r['p50_us']:7.1f} us p99 {r['p99_us']:8.1f} us")
+        if cached and not IS_WRITE[wl]:
+            log(f"  {'':24} cached at start: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in sorted(cached.items())))
         if cfg.release_pages and wl == "seqwrite":
             _quiesce([t])  # async mode: what it still sends lands before the release
             r["released_mib"] = _release_pages(t.bench_dir)
@@ -236,6 +241,34 @@ def _release_pages(directory: str) -> int:
     The later rows then find these images uncached, on every target alike."""
     _settle_writeback()  # dirty pages would stay
     before = _page_cache_mib()
+    for _, fd in _image_files(directory):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return before - _page_cache_mib()
+
+
+def _cache_census(directory: str) -> dict:
+    """name (relative to `directory`) -> MiB of it in the page cache, for
+    every regular file of at least 1 MiB under `directory`.  Recorded at the
+    start of each fio job: a 4 KiB read job's rate depends on how much of
+    the image is cached (a hit takes ~30 us, a miss ~100 on this disk), and
+    that comes from the jobs before it."""
+    out = {}
+    for path, fd in _image_files(directory):
+        st = os.fstat(fd)
+        if st.st_size < MiB:
+            continue
+        try:
+            got = cachestat(fd, 0, 0)
+        except OSError:
+            got = None
+        if got is not None:
+            out[os.path.relpath(path, directory)] = round(got[0] * 4096 / MiB, 1)
+    return out
+
+
+def _image_files(directory: str):
+    """Yield (path, open read-only descriptor) of each regular file under
+    `directory`, past FUSE mounts; the descriptor is closed on the next step."""
     for root, dirs, files in os.walk(directory):
         dirs[:] = [x for x in dirs if not os.path.ismount(os.path.join(root, x))]  # FUSE mounts: not files
         for name in files:
@@ -248,10 +281,9 @@ def _release_pages(directory: str) -> int:
                 continue  # sockets, vanished files
             try:
                 if stat.S_ISREG(os.fstat(fd).st_mode):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    yield path, fd
             finally:
                 os.close(fd)
-    return before - _page_cache_mib()
 
 
 def _page_cache_mib() -> int:
