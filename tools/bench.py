@@ -77,6 +77,7 @@ class Config:
         self.fio_workloads = list(WORKLOADS)
         self.perf_dir = None  # --perf: a system-wide perf profile of every fio job
         self.release_pages = True  # --no-release-pages turns it off (_release_pages)
+        self.read_cache = "warm"  # --read-cache (_prepare_read_cache)
 
     def as_dict(self):
         return {k: v for k, v in vars(self).items()}
@@ -176,15 +177,9 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
         for p in getattr(t, "procs", {}).values():
             p.check_alive()
         _quiesce(everyone)
-        if cfg.release_pages and not IS_WRITE[wl] and hasattr(t, "bench_dir"):
-            # A read job's rate is its page-cache hit rate (a hit ~30 us, a
-            # miss ~100): left alone, that is what the write job before it
-            # left cached, and a faster writer read faster (the census:
-            # 108-146 MiB of 512 under a sync pair, 117-133 under QEMU, 243-280
-            # under the passthrough).  Every target reads from uncached images.
-            released = _release_pages(t.bench_dir)
-        else:
-            released = None
+        prepared = None
+        if not IS_WRITE[wl] and cfg.read_cache != "left" and hasattr(t, "bench_dir"):
+            prepared = _prepare_read_cache(t.bench_dir, cfg.read_cache)
         recording = None
         if cfg.perf_dir:
             rep = len(cell["runs"]) + len(cell["errors"]) + 1
@@ -201,8 +196,8 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
                 r = run_fio(path, options, direct=(io == "direct"))
             r["daemon_cpu_s"] = _cpu_delta(cpu0, _cpu_of(t))
             r["cached_mib_at_start"] = cached
-            if released is not None:
-                r["released_before_mib"] = released
+            if prepared is not None:
+                r["read_cache"] = prepared
         finally:
             if recording is not None:
                 recording.stop()
@@ -214,6 +209,8 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
         if cfg.release_pages and wl == "seqwrite":
             _quiesce([t])  # async mode: what it still sends lands before the release
             r["released_mib"] = _release_pages(t.bench_dir)
+        if prepared == "warm":  # the next target's jobs start without this one's pages
+            _release_pages(t.bench_dir)
         if recording is not None:
             try:
                 r["perf"] = profile.summarize(recording.path)
@@ -255,6 +252,31 @@ def _release_pages(directory: str) -> int:
     for _, fd in _image_files(directory):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     return before - _page_cache_mib()
+
+
+def _prepare_read_cache(directory: str, how: str) -> str:
+    """Put the page cache of a target's files into one state before a read
+    job, the same for every target: "cold" (none cached) or "warm" (all
+    cached: each file read in full).  Left as the write job before it left
+    it (--read-cache left), a read job measured that job's footprint: its
+    rate is its hit rate (a hit ~30 us, a miss ~100-250 on this disk), and
+    a faster writer read faster (bench-20261207-031758: 108-146 MiB of 512
+    cached under a sync pair, 117-133 under QEMU, 243-280 under the
+    passthrough).  Cold, every read is a disk read, and the disk's latency
+    moved a target's p50 between repetitions more than any difference
+    between systems (bench-20261207-032955: 91-169 us for the sync unix
+    primary, direct; 175-399 for sync TCP, buffered).
+    Warm (the default) measures what each system adds to a read."""
+    _release_pages(directory)
+    if how == "warm":
+        buf = bytearray(MiB)
+        for _, fd in _image_files(directory):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            pos = 0
+            while n := os.preadv(fd, [buf], pos):
+                pos += n
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)
+    return how
 
 
 def _cache_census(directory: str) -> dict:
@@ -607,12 +629,15 @@ def _parser() -> argparse.ArgumentParser:
                          "into DIR and summarize it in the log and the JSON (idle share, top symbols); "
                          "sampling costs a little, so keep such runs out of the table of record")
     ap.add_argument("--release-pages", action=argparse.BooleanOptionalAction, default=True,
-                    help="after each 1 MiB job and before each read job, drop the target's images "
-                         "from the page cache, so that every target's first-touch job starts from the "
-                         "same memory (see _release_pages) and every read job from uncached images. "
+                    help="after each 1 MiB job, drop the target's images from the page cache, so that "
+                         "every target's first-touch job starts from the same memory (see _release_pages). "
                          "On by default; --no-release-pages measures the old way, where a target's 1 MiB "
-                         "figure depends on its place in the order and its read figure on how much the "
-                         "write job before it left cached")
+                         "figure depends on its place in the order")
+    ap.add_argument("--read-cache", choices=("warm", "cold", "left"), default="warm",
+                    help="the page cache of a target's files when a 4 KiB read job starts: warm (read "
+                         "in full first, the default: the figure is what each system adds to a read), "
+                         "cold (dropped: every read goes to the disk) or left (as the write job before "
+                         "it left it: the figure then follows that job's rate); see _prepare_read_cache")
     return ap
 
 
@@ -639,6 +664,7 @@ def main(argv=None) -> int:
         os.makedirs(args.perf, exist_ok=True)
         cfg.perf_dir = os.path.abspath(args.perf)
     cfg.release_pages = args.release_pages
+    cfg.read_cache = args.read_cache
 
     def pick(text, allowed, what):
         picked = [x.strip() for x in text.split(",")]
