@@ -180,13 +180,15 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
         prepared = None
         if not IS_WRITE[wl] and cfg.read_cache != "left" and hasattr(t, "bench_dir"):
             prepared = _prepare_read_cache(t.bench_dir, cfg.read_cache)
+        cached = _cache_census(t.bench_dir) if hasattr(t, "bench_dir") else {}
         recording = None
         if cfg.perf_dir:
             rep = len(cell["runs"]) + len(cell["errors"]) + 1
             recording = profile.Recording(os.path.join(cfg.perf_dir, f"rep{rep}-{wl}-{io}-{key}.data"))
-        cached = _cache_census(t.bench_dir) if hasattr(t, "bench_dir") else {}
         cpu0 = _cpu_of(t)
         options = job_options(wl, cfg.fio_size, cfg.runtime)
+        if prepared == "warm":
+            options["invalidate"] = 0  # fio's default drops a plain file's pages first
         try:
             if isinstance(t, PlainPairTarget):  # buffered in both rows, as a pair writes its images
                 r = run_fio(None, t.fio_options(options), direct=False)
