@@ -155,6 +155,28 @@ def test_release_pages_is_the_default_and_can_be_turned_off():
     assert parse(["--no-release-pages"]).release_pages is False
 
 
+def test_the_table_says_how_read_jobs_found_the_page_cache():
+    res = results([], [])
+    res["meta"] = {"started": "x", "git": "g", "quick": False, "config": {"reps": 3}, "cpus": 2,
+                   "kernel": "k", "qemu": "q", "repdisk": True}
+    assert not any(ln.startswith("reads:") for ln in report.table(res, report.summarize_all(res)).splitlines())
+    for how, words in (("warm", "read in full"), ("cold", "dropped"), ("left", "follows its write rate")):
+        res["meta"]["config"]["read_cache"] = how
+        line = next(ln for ln in report.table(res, report.summarize_all(res)).splitlines()
+                    if ln.startswith("reads:"))
+        assert words in line and f"--read-cache {how}" in line
+
+
+def test_read_jobs_start_warm_by_default():
+    import bench
+    assert bench.Config(False, None).read_cache == "warm"
+    parse = bench._parser().parse_args
+    assert parse([]).read_cache == "warm"
+    assert parse(["--read-cache", "cold"]).read_cache == "cold"
+    with pytest.raises(SystemExit):
+        parse(["--read-cache", "hot"])
+
+
 def test_two_plain_files_bound_a_pairs_seq_write_cells():
     """The seq-write row carries what two plain files made of it (per file):
     xpair on QEMU's and repdisk's primaries, xQEMU on the two files' row, and
@@ -344,5 +366,34 @@ def test_release_pages_drops_a_targets_files_from_the_page_cache(tmp_path):
         bench._release_pages(str(tmp_path))
         assert [cached(f) for f in files] == [0, 0]
         assert all(f.read_bytes() == data for f in files)
+    finally:
+        sock.close()
+
+
+def test_read_cache_puts_every_file_of_a_target_in_one_state(tmp_path):
+    """--read-cache: warm reads every file under the target's directory into
+    the page cache, cold drops them all; the census counts each file of
+    1 MiB or more (smaller ones and sockets are left out), and content is
+    never touched."""
+    import socket
+
+    import bench
+    (tmp_path / "sub").mkdir()
+    files = {"img": os.urandom(4 << 20), "sub/overlay": os.urandom(2 << 20)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "meta").write_bytes(b"x" * 100)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "nbd.sock"))
+    try:
+        census = bench._cache_census(str(tmp_path))
+        if not census:
+            pytest.skip("no cachestat(2) on this kernel")
+        assert set(census) == set(files)
+        assert bench._prepare_read_cache(str(tmp_path), "cold") == "cold"
+        assert bench._cache_census(str(tmp_path)) == {"img": 0.0, "sub/overlay": 0.0}
+        assert bench._prepare_read_cache(str(tmp_path), "warm") == "warm"
+        assert bench._cache_census(str(tmp_path)) == {"img": 4.0, "sub/overlay": 2.0}
+        assert all((tmp_path / name).read_bytes() == data for name, data in files.items())
     finally:
         sock.close()

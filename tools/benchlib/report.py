@@ -397,6 +397,14 @@ def table(res: dict, summary: dict) -> str:
                      if meta["config"]["release_pages"] else
                      "pages: kept after each 1 MiB job (--no-release-pages): a target's 1 MiB figures depend "
                      "on its place in the order")
+    read_cache = meta["config"].get("read_cache")
+    if read_cache:
+        lines.append({"warm": "reads: each 4 KiB read job started with its target's files read in full into the "
+                              "page cache (--read-cache warm): what each system adds to a read",
+                      "cold": "reads: each 4 KiB read job started with its target's files dropped from the page "
+                              "cache (--read-cache cold): the disk's latency is in every figure",
+                      "left": "reads: each 4 KiB read job started with the page cache the write job before it "
+                              "left (--read-cache left): a target's read figure follows its write rate"}[read_cache])
     if meta["config"].get("perf_dir"):
         lines.append(f"profiled: perf sampled the whole machine during every fio job "
                      f"({meta['config']['perf_dir']}); the figures carry its cost")
