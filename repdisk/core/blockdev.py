@@ -78,6 +78,12 @@ class StackReplicaDevice:
     def pread(self, offset: int, length: int) -> bytes:
         return self.stack.replica_read(offset, length)
 
+    def write_soon(self, offset: int, length: int) -> None:
+        """A write (or zero) of this range is queued: start reading what its
+        copy-before-write will copy (the NBD server calls it for the
+        requests it has received but not applied yet)."""
+        self.stack.protect_soon(offset, length)
+
     def zero(self, offset: int, length: int) -> None:
         if self.received is not None:
             self.received.mark(offset, length)

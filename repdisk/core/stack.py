@@ -156,6 +156,25 @@ class SecondaryStack:
                 self.replica.copy_to(hidden.file, start, n)
             hidden.map.set(b0 + a, b0 + b)
 
+    def protect_soon(self, offset: int, length: int) -> None:
+        """A primary write of [offset, offset+length) will come: start reading
+        the replica's blocks that its copy-before-write will copy (those
+        neither overlay holds) into the page cache, without waiting.  Many
+        such hints put many reads in the disk's queue at once, where the
+        copies one by one would wait for each in turn.  Only a hint."""
+        geo = self.geometry
+        b0, b1 = geo.blocks(offset, length)
+        if b0 == b1 or self.standalone:
+            return
+        in_hidden, in_active = self.hidden.map.bits, self.active.map.bits
+        if b1 - b0 == 1:
+            if in_hidden[b0] or in_active[b0]:
+                return
+        elif (in_hidden[b0:b1] | in_active[b0:b1]).all():
+            return
+        start, n = geo.byte_range(b0, b1)
+        self.replica.read_soon(start, n)
+
     def primary_write(self, buf, offset: int) -> None:
         self.geometry.check(offset, len(buf))
         self._protect(offset, len(buf))

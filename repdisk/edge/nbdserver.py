@@ -84,6 +84,8 @@ _SIDE_FLAGS = w.FLAG_HAS_FLAGS | w.FLAG_READ_ONLY | w.FLAG_SEND_FLUSH
 _WRITING = frozenset({w.CMD_WRITE, w.CMD_WRITE_ZEROES})
 # Commands whose FUA flag means "flush before replying" (on others it is ignored).
 _DURABLE = frozenset({w.CMD_WRITE, w.CMD_WRITE_ZEROES, w.CMD_TRIM})
+# Commands the secondary applies with a copy-before-write (_look_ahead).
+_PROTECTING = frozenset({w.CMD_WRITE, w.CMD_WRITE_ZEROES, w.CMD_TRIM})
 _REQUEST_COUNTERS = ("read", "write", "flush", "trim", "write_zeroes", "disc", "other")
 
 
@@ -235,6 +237,33 @@ class _ThreadWire:
             except OSError as e:
                 raise _PeerGone(f"send failed: {e.strerror or e}") from None
             _consume(bufs, n)
+
+
+def _look_ahead(wire: "_ThreadWire", ahead: int, write_soon, size: int) -> int:
+    """Tell the device about the writes among the requests already received
+    after the current one (`write_soon`), so that what they will read (the
+    secondary's copy-before-write) is on its way from the disk while the
+    requests before them are applied: the connection applies requests one
+    at a time, and a copy from an uncached replica would otherwise wait for
+    one disk read after another.  Starts `ahead` bytes past the current
+    request (those were seen already); returns how far it has now seen.
+    Frames are only read here, never consumed or judged: the loop checks
+    each one when its turn comes."""
+    unpack_from, header_size = w.REQUEST.unpack_from, w.REQUEST.size
+    buf, pos, end = wire.buf, wire.start + ahead, wire.end
+    while end - pos >= header_size:
+        magic, _flags, cmd, _handle, offset, length = unpack_from(buf, pos)
+        if magic != w.REQUEST_MAGIC:
+            break  # the loop reports it when it gets there
+        pos += header_size
+        if cmd in _PROTECTING:
+            if offset + length <= size:
+                write_soon(offset, length)
+            if cmd == w.CMD_WRITE:
+                if length > w.MAX_REQUEST:
+                    break
+                pos += length
+    return pos - wire.start
 
 
 def _compact(wire, need: int) -> None:
@@ -758,6 +787,8 @@ class _Session:
         requests, names, allowed = self.requests, w.CMD_NAMES, w.CMD_FLAGS_ALLOWED
         size = self.device.size
         min_block = self.device.min_block
+        write_soon = None if self.side else getattr(self.device, "write_soon", None)
+        ahead = 0  # bytes after the current request that _look_ahead has seen
         while True:
             try:
                 header = exactly(header_size)
@@ -776,6 +807,11 @@ class _Session:
                     receive(payload)
                 except _PeerGone as e:
                     raise _PeerGone(f"{e} mid-request") from None
+                ahead -= header_size + length
+            else:
+                ahead -= header_size
+            if write_soon is not None and wire.buffered - ahead >= header_size:
+                ahead = _look_ahead(wire, max(ahead, 0), write_soon, size)
             apply = commands.get(cmd)
             if apply is None:
                 if cmd == w.CMD_DISC:
