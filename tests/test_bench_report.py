@@ -371,8 +371,8 @@ def test_release_pages_drops_a_targets_files_from_the_page_cache(tmp_path):
 
 
 def test_read_cache_puts_every_file_of_a_target_in_one_state(tmp_path):
-    """--read-cache: warm reads every file under the target's directory into
-    the page cache, cold drops them all; the census counts each file of
+    """--read-cache: warm reads the data of every file under the target's
+    directory into the page cache (not its holes), cold drops them all; the census counts each file of
     1 MiB or more (smaller ones and sockets are left out), and content is
     never touched."""
     import socket
@@ -383,6 +383,11 @@ def test_read_cache_puts_every_file_of_a_target_in_one_state(tmp_path):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     (tmp_path / "meta").write_bytes(b"x" * 100)
+    with open(tmp_path / "overlay", "wb") as f:  # sparse: 1 MiB of data in 8 MiB
+        f.truncate(8 << 20)
+        f.seek(3 << 20)
+        f.write(os.urandom(1 << 20))
+    files["overlay"] = (tmp_path / "overlay").read_bytes()
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(tmp_path / "nbd.sock"))
     try:
@@ -391,9 +396,10 @@ def test_read_cache_puts_every_file_of_a_target_in_one_state(tmp_path):
             pytest.skip("no cachestat(2) on this kernel")
         assert set(census) == set(files)
         assert bench._prepare_read_cache(str(tmp_path), "cold") == "cold"
-        assert bench._cache_census(str(tmp_path)) == {"img": 0.0, "sub/overlay": 0.0}
+        assert bench._cache_census(str(tmp_path)) == {"img": 0.0, "sub/overlay": 0.0, "overlay": 0.0}
         assert bench._prepare_read_cache(str(tmp_path), "warm") == "warm"
-        assert bench._cache_census(str(tmp_path)) == {"img": 4.0, "sub/overlay": 2.0}
+        # every byte of data, and none of the holes
+        assert bench._cache_census(str(tmp_path)) == {"img": 4.0, "sub/overlay": 2.0, "overlay": 1.0}
         assert all((tmp_path / name).read_bytes() == data for name, data in files.items())
     finally:
         sock.close()

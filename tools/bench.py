@@ -274,11 +274,28 @@ def _prepare_read_cache(directory: str, how: str) -> str:
         buf = bytearray(MiB)
         for _, fd in _image_files(directory):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            pos = 0
-            while n := os.preadv(fd, [buf], pos):
-                pos += n
+            for start, end in _data_extents(fd):
+                pos = start
+                while pos < end and (n := os.preadv(fd, [memoryview(buf)[: min(MiB, end - pos)]], pos)):
+                    pos += n
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)
     return how
+
+
+def _data_extents(fd: int):
+    """(start, end) of each data extent of a file: its holes are not read
+    (no system reads an overlay's holes, and reading them would cache as
+    many zero pages: 1 GiB more per repdisk pair, whose two empty overlays
+    are the disk's size)."""
+    end = os.fstat(fd).st_size
+    pos = 0
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            return
+        pos = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, pos
 
 
 def _cache_census(directory: str) -> dict:
