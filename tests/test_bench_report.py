@@ -372,7 +372,8 @@ def test_release_pages_drops_a_targets_files_from_the_page_cache(tmp_path):
 
 def test_read_cache_puts_every_file_of_a_target_in_one_state(tmp_path):
     """--read-cache: warm reads the data of every file under the target's
-    directory into the page cache (not its holes), cold drops them all; the census counts each file of
+    directory into the page cache (not its holes) and afterwards drops again
+    what was not cached before, cold drops them all; the census counts each file of
     1 MiB or more (smaller ones and sockets are left out), and content is
     never touched."""
     import socket
@@ -395,11 +396,17 @@ def test_read_cache_puts_every_file_of_a_target_in_one_state(tmp_path):
         if not census:
             pytest.skip("no cachestat(2) on this kernel")
         assert set(census) == set(files)
-        assert bench._prepare_read_cache(str(tmp_path), "cold") == "cold"
+        assert bench._prepare_read_cache(str(tmp_path), "cold") is None
         assert bench._cache_census(str(tmp_path)) == {"img": 0.0, "sub/overlay": 0.0, "overlay": 0.0}
-        assert bench._prepare_read_cache(str(tmp_path), "warm") == "warm"
+        with open(tmp_path / "img", "rb") as f:  # the job before left the start cached
+            f.read(1 << 20)
+        left = bench._cache_census(str(tmp_path))
+        assert 1.0 <= left["img"] < 4.0 and left["sub/overlay"] == left["overlay"] == 0.0
+        restore = bench._prepare_read_cache(str(tmp_path), "warm")
         # every byte of data, and none of the holes
         assert bench._cache_census(str(tmp_path)) == {"img": 4.0, "sub/overlay": 2.0, "overlay": 1.0}
+        bench._restore_read_cache(restore)  # after the job: as the job before left it
+        assert bench._cache_census(str(tmp_path)) == left
         assert all((tmp_path / name).read_bytes() == data for name, data in files.items())
     finally:
         sock.close()

@@ -177,9 +177,10 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
         for p in getattr(t, "procs", {}).values():
             p.check_alive()
         _quiesce(everyone)
-        prepared = None
+        prepared = restore = None
         if not IS_WRITE[wl] and cfg.read_cache != "left" and hasattr(t, "bench_dir"):
-            prepared = _prepare_read_cache(t.bench_dir, cfg.read_cache)
+            restore = _prepare_read_cache(t.bench_dir, cfg.read_cache)
+            prepared = cfg.read_cache
         cached = _cache_census(t.bench_dir) if hasattr(t, "bench_dir") else {}
         recording = None
         if cfg.perf_dir:
@@ -203,6 +204,8 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
         finally:
             if recording is not None:
                 recording.stop()
+            if restore is not None:
+                _restore_read_cache(restore)
         cell["runs"].append(r)
         log(f"  {TARGET_LABEL[key]:24} {r['mibs']:8.1f} MiB/s {r['iops']:9.0f} IOPS "
             f"p50 {r['p50_us']:7.1f} us p99 {r['p99_us']:8.1f} us")
@@ -211,8 +214,6 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
         if cfg.release_pages and wl == "seqwrite":
             _quiesce([t])  # async mode: what it still sends lands before the release
             r["released_mib"] = _release_pages(t.bench_dir)
-        if prepared == "warm":  # the next target's jobs start without this one's pages
-            _release_pages(t.bench_dir)
         if recording is not None:
             try:
                 r["perf"] = profile.summarize(recording.path)
@@ -256,30 +257,63 @@ def _release_pages(directory: str) -> int:
     return before - _page_cache_mib()
 
 
-def _prepare_read_cache(directory: str, how: str) -> str:
+def _prepare_read_cache(directory: str, how: str):
     """Put the page cache of a target's files into one state before a read
-    job, the same for every target: "cold" (none cached) or "warm" (all
-    cached: each file read in full).  Left as the write job before it left
-    it (--read-cache left), a read job measured that job's footprint: its
-    rate is its hit rate (a hit ~30 us, a miss ~100-250 on this disk), and
-    a faster writer read faster (bench-20261207-031758: 108-146 MiB of 512
-    cached under a sync pair, 117-133 under QEMU, 243-280 under the
-    passthrough).  Cold, every read is a disk read, and the disk's latency
-    moved a target's p50 between repetitions more than any difference
-    between systems (bench-20261207-032955: 91-169 us for the sync unix
-    primary, direct; 175-399 for sync TCP, buffered).
-    Warm (the default) measures what each system adds to a read."""
-    _release_pages(directory)
-    if how == "warm":
-        buf = bytearray(MiB)
-        for _, fd in _image_files(directory):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            for start, end in _data_extents(fd):
-                pos = start
-                while pos < end and (n := os.preadv(fd, [memoryview(buf)[: min(MiB, end - pos)]], pos)):
-                    pos += n
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)
-    return how
+    job, the same for every target: "cold" (none cached) or "warm" (the data
+    of every file cached).  Left as the write job before it left it
+    (--read-cache left), a read job measured that job's footprint: its
+    rate is its hit rate, and a faster writer read faster
+    (bench-20261207-031758: 108-146 MiB of 512 cached under a sync pair,
+    117-133 under QEMU, 243-280 under the passthrough).  Cold, every read is
+    a disk read, and the disk's latency moved a target's p50 between
+    repetitions more than any difference between systems
+    (bench-20261207-032955: 91-169 us for the sync unix primary, direct;
+    175-399 for sync TCP, buffered).  Warm (the default) measures what each
+    system adds to a read.  Returns what _restore_read_cache needs to give
+    the jobs after it the page cache they would have found without the
+    warming: for warm, the 64 KiB chunks of each file that held no page."""
+    if how == "cold":
+        _release_pages(directory)
+        return None
+    uncached = {}
+    buf = bytearray(MiB)
+    for path, fd in _image_files(directory):
+        size = os.fstat(fd).st_size
+        empty = []
+        for pos in range(0, size, _CHUNK):
+            got = cachestat(fd, pos, min(_CHUNK, size - pos))
+            if got is not None and got[0] == 0:
+                if empty and empty[-1][1] == pos:
+                    empty[-1][1] = pos + _CHUNK
+                else:
+                    empty.append([pos, pos + _CHUNK])
+        uncached[path] = empty
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        for start, end in _data_extents(fd):
+            pos = start
+            while pos < end and (n := os.preadv(fd, [memoryview(buf)[: min(MiB, end - pos)]], pos)):
+                pos += n
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)
+    return uncached
+
+
+_CHUNK = 64 << 10  # the grain at which _restore_read_cache puts the page cache back
+
+
+def _restore_read_cache(uncached: dict) -> None:
+    """Drop again the chunks that held no page before the warming, so the
+    next jobs start from about the page cache they would have found (the
+    read job's own hits added nothing; what its chunks had in part stays)."""
+    for path, empty in uncached.items():
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            for start, end in empty:
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _data_extents(fd: int):
