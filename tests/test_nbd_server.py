@@ -739,6 +739,17 @@ def test_look_ahead_names_each_queued_write_once_and_stops_at_what_it_cannot_fra
     finally:
         ours.close()
         theirs.close()
+    ours, theirs = socket.socketpair()
+    try:  # a write too large for the protocol: no hint, nothing after it framed
+        wire = _ThreadWire(ours.fileno(), b"")
+        theirs.sendall(_frame(w.CMD_FLUSH, 0, 0) + _frame(w.CMD_WRITE, 0, w.MAX_REQUEST + 1)
+                       + _frame(w.CMD_WRITE, 4096, 4096, payload=b"f" * 4096))
+        wire.exactly(w.REQUEST.size)
+        del seen[:]
+        assert _look_ahead(wire, 0, hint, 1 << 30) == 0 and seen == []
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_a_secondarys_server_applies_pipelined_writes_it_looked_ahead_at(tmp_path):

@@ -255,13 +255,13 @@ def _look_ahead(wire: "_ThreadWire", ahead: int, write_soon, size: int) -> int:
         magic, _flags, cmd, _handle, offset, length = unpack_from(buf, pos)
         if magic != w.REQUEST_MAGIC:
             break  # the loop reports it when it gets there
+        if cmd == w.CMD_WRITE and length > w.MAX_REQUEST:
+            break  # a protocol error: no hint for it, and no frame after it
         pos += header_size
         if cmd in _PROTECTING:
             if offset + length <= size:
                 write_soon(offset, length)
             if cmd == w.CMD_WRITE:
-                if length > w.MAX_REQUEST:
-                    break
                 pos += length
     return pos - wire.start
 
