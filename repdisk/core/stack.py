@@ -123,27 +123,29 @@ class SecondaryStack:
 
     # ---- the primary's writes (NBD) -------------------------------------------
 
+    def _due(self, offset: int, length: int):
+        """(b0, runs): the blocks of [offset, offset+length) whose
+        copy-before-write is still due, those neither overlay holds, as runs
+        [a, b) relative to b0 (none while standalone)."""
+        b0, b1 = self.geometry.blocks(offset, length)
+        if b0 == b1 or self.standalone:
+            return b0, ()
+        in_hidden, in_active = self.hidden.map.bits, self.active.map.bits
+        if b1 - b0 == 1:  # one block (most writes): two bit tests, no slices
+            return b0, (() if in_hidden[b0] or in_active[b0] else ((0, 1),))
+        held = in_hidden[b0:b1] | in_active[b0:b1]
+        if held.all():
+            return b0, ()
+        need = Bitmap(0)
+        need.bits = ~held
+        return b0, need.runs()
+
     def _protect(self, offset: int, length: int) -> None:
         """Copy-before-write: keep the view's current content of every block in
         [offset, offset+length) that neither overlay holds yet in the hidden
         overlay.  One copy_file_range per run; holes are taken over for free."""
-        geo = self.geometry
-        b0, b1 = geo.blocks(offset, length)
-        if b0 == b1 or self.standalone:
-            return
-        hidden = self.hidden
-        in_hidden, in_active = hidden.map.bits, self.active.map.bits
-        if b1 - b0 == 1:  # one block (most writes): two bit tests, no slices
-            if in_hidden[b0] or in_active[b0]:
-                return
-            runs = ((0, 1),)
-        else:
-            held = in_hidden[b0:b1] | in_active[b0:b1]
-            if held.all():
-                return
-            need = Bitmap(0)
-            need.bits = ~held
-            runs = need.runs()
+        b0, runs = self._due(offset, length)
+        geo, hidden = self.geometry, self.hidden
         for a, b in runs:
             start, n = geo.byte_range(b0 + a, b0 + b)
             # Holes are taken over, not copied: nothing to copy, and copying
@@ -158,22 +160,13 @@ class SecondaryStack:
 
     def protect_soon(self, offset: int, length: int) -> None:
         """A primary write of [offset, offset+length) will come: start reading
-        the replica's blocks that its copy-before-write will copy (those
-        neither overlay holds) into the page cache, without waiting.  Many
-        such hints put many reads in the disk's queue at once, where the
-        copies one by one would wait for each in turn.  Only a hint."""
-        geo = self.geometry
-        b0, b1 = geo.blocks(offset, length)
-        if b0 == b1 or self.standalone:
-            return
-        in_hidden, in_active = self.hidden.map.bits, self.active.map.bits
-        if b1 - b0 == 1:
-            if in_hidden[b0] or in_active[b0]:
-                return
-        elif (in_hidden[b0:b1] | in_active[b0:b1]).all():
-            return
-        start, n = geo.byte_range(b0, b1)
-        self.replica.read_soon(start, n)
+        the replica's blocks that its copy-before-write will copy (`_due`)
+        into the page cache, without waiting.  Many such hints put many
+        reads in the disk's queue at once, where the copies one by one would
+        wait for each in turn.  Only a hint."""
+        b0, runs = self._due(offset, length)
+        for a, b in runs:
+            self.replica.read_soon(*self.geometry.byte_range(b0 + a, b0 + b))
 
     def primary_write(self, buf, offset: int) -> None:
         self.geometry.check(offset, len(buf))
