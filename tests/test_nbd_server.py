@@ -732,7 +732,7 @@ def test_look_ahead_names_each_queued_write_once_and_stops_at_what_it_cannot_fra
                        + _frame(w.CMD_WRITE, 4096, 4096, payload=b"e" * 4096))
         wire.exactly(w.REQUEST.size)  # the read, consumed: its frame has no payload
         ahead -= w.REQUEST.size
-        wire.end += os.readv(ours.fileno(), [wire.view[wire.end:]])
+        wire.end += wire._recv_into(wire.view[wire.end:])  # received, not consumed
         ahead = _look_ahead(wire, ahead, hint, size)
         assert seen[3:] == [(512, 100)]  # and not the write behind the bad magic
         assert ahead == wire.buffered - (w.REQUEST.size + w.REQUEST.size + 4096)
