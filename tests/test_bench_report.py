@@ -160,7 +160,7 @@ def test_the_table_says_how_read_jobs_found_the_page_cache():
     res["meta"] = {"started": "x", "git": "g", "quick": False, "config": {"reps": 3}, "cpus": 2,
                    "kernel": "k", "qemu": "q", "repdisk": True}
     assert not any(ln.startswith("reads:") for ln in report.table(res, report.summarize_all(res)).splitlines())
-    for how, words in (("warm", "read in full"), ("cold", "dropped"), ("left", "follows its write rate")):
+    for how, words in (("warm", "the data of its target's files in the page cache"), ("cold", "dropped"), ("left", "follows its write rate")):
         res["meta"]["config"]["read_cache"] = how
         line = next(ln for ln in report.table(res, report.summarize_all(res)).splitlines()
                     if ln.startswith("reads:"))

@@ -177,10 +177,9 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
         for p in getattr(t, "procs", {}).values():
             p.check_alive()
         _quiesce(everyone)
-        prepared = restore = None
-        if not IS_WRITE[wl] and cfg.read_cache != "left" and hasattr(t, "bench_dir"):
-            restore = _prepare_read_cache(t.bench_dir, cfg.read_cache)
-            prepared = cfg.read_cache
+        # A read job starts from one page-cache state (--read-cache), the same for every target.
+        prepared = cfg.read_cache if not IS_WRITE[wl] and cfg.read_cache != "left" and hasattr(t, "bench_dir") else None
+        restore = _prepare_read_cache(t.bench_dir, prepared) if prepared else None
         cached = _cache_census(t.bench_dir) if hasattr(t, "bench_dir") else {}
         recording = None
         if cfg.perf_dir:
@@ -278,16 +277,7 @@ def _prepare_read_cache(directory: str, how: str):
     uncached = {}
     buf = bytearray(MiB)
     for path, fd in _image_files(directory):
-        size = os.fstat(fd).st_size
-        empty = []
-        for pos in range(0, size, _CHUNK):
-            got = cachestat(fd, pos, min(_CHUNK, size - pos))
-            if got is not None and got[0] == 0:
-                if empty and empty[-1][1] == pos:
-                    empty[-1][1] = pos + _CHUNK
-                else:
-                    empty.append([pos, pos + _CHUNK])
-        uncached[path] = empty
+        uncached[path] = _uncached_chunks(fd, os.fstat(fd).st_size)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         for start, end in _data_extents(fd):
             pos = start
@@ -298,6 +288,26 @@ def _prepare_read_cache(directory: str, how: str):
 
 
 _CHUNK = 64 << 10  # the grain at which _restore_read_cache puts the page cache back
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _uncached_chunks(fd: int, size: int) -> list:
+    """[start, end) runs of _CHUNK-sized pieces of the file that hold no page.
+    A file cached in full or not at all (the usual cases: released after
+    its 1 MiB job, or read in) takes one cachestat, not one per chunk."""
+    got = cachestat(fd, 0, 0)
+    if got is None or got[0] >= (size + _PAGE - 1) // _PAGE:
+        return []
+    if got[0] == 0:
+        return [[0, size]] if size else []
+    empty = []
+    for pos in range(0, size, _CHUNK):
+        if cachestat(fd, pos, _CHUNK)[0] == 0:
+            if empty and empty[-1][1] == pos:
+                empty[-1][1] = pos + _CHUNK
+            else:
+                empty.append([pos, pos + _CHUNK])
+    return empty
 
 
 def _restore_read_cache(uncached: dict) -> None:
@@ -348,7 +358,7 @@ def _cache_census(directory: str) -> dict:
         except OSError:
             got = None
         if got is not None:
-            out[os.path.relpath(path, directory)] = round(got[0] * 4096 / MiB, 1)
+            out[os.path.relpath(path, directory)] = round(got[0] * _PAGE / MiB, 1)
     return out
 
 
@@ -687,8 +697,9 @@ def _parser() -> argparse.ArgumentParser:
                          "On by default; --no-release-pages measures the old way, where a target's 1 MiB "
                          "figure depends on its place in the order")
     ap.add_argument("--read-cache", choices=("warm", "cold", "left"), default="warm",
-                    help="the page cache of a target's files when a 4 KiB read job starts: warm (read "
-                         "in full first, the default: the figure is what each system adds to a read), "
+                    help="the page cache of a target's files when a 4 KiB read job starts: warm (their "
+                         "data read in first, holes skipped, and afterwards the page cache put back as "
+                         "the job before left it; the default: the figure is what each system adds to a read), "
                          "cold (dropped: every read goes to the disk) or left (as the write job before "
                          "it left it: the figure then follows that job's rate); see _prepare_read_cache")
     return ap

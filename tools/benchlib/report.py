@@ -399,7 +399,7 @@ def table(res: dict, summary: dict) -> str:
                      "on its place in the order")
     read_cache = meta["config"].get("read_cache")
     if read_cache:
-        lines.append({"warm": "reads: each 4 KiB read job started with its target's files read in full into the "
+        lines.append({"warm": "reads: each 4 KiB read job started with the data of its target's files in the "
                               "page cache (--read-cache warm): what each system adds to a read",
                       "cold": "reads: each 4 KiB read job started with its target's files dropped from the page "
                               "cache (--read-cache cold): the disk's latency is in every figure",
