@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import first_touch  # noqa: E402
 from benchlib import profile, report  # noqa: E402
-from benchlib.fio import DESCRIPTION, IS_WRITE, WORKLOADS, job_options, run_fio, write_random  # noqa: E402
+from benchlib.fio import CHECKPOINT_PERIOD, DESCRIPTION, IS_WRITE, WORKLOADS, job_options, run_fio, write_random  # noqa: E402
 from benchlib.targets import REPO, PassthroughTarget, PlainPairTarget, PlainTarget, QemuPair, RepdiskPair  # noqa: E402
 from repdisk.core.image import cachestat  # noqa: E402
 from benchlib.util import (GiB, MiB, TiB, BenchError, cmd_version, dump_json, log,  # noqa: E402
@@ -164,9 +164,22 @@ def section_fio(cfg: Config, work: str, res: dict, have_repdisk: bool):
                 for wl in cfg.fio_workloads:
                     log(f"fio rep {rep + 1}/{cfg.reps}: {DESCRIPTION[wl]}, {io}")
                     for key in order:
-                        if key in live and wl in getattr(live[key][0], "workloads", WORKLOADS):
+                        if key in live and _runs_on(key, live[key][0], wl):
                             _fio_job(cfg, out["targets"].setdefault(key, {}), key, *live[key], io, wl,
                                      everyone=[t for t, _ in live.values()])
+
+
+def _is_view(key: str) -> bool:
+    """A target whose fio file is a pair's secondary view."""
+    return key.startswith("rd-sec") or key == "qemu-sec"
+
+
+def _runs_on(key: str, t, wl: str) -> bool:
+    """Whether workload `wl` is a job for target `key`: a checkpointed one
+    only on a pair's primary (COLO's guest writes there)."""
+    if wl in CHECKPOINT_PERIOD:
+        return hasattr(t, "checkpoint") and not _is_view(key)
+    return wl in getattr(t, "workloads", WORKLOADS)
 
 
 def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, everyone: list) -> None:
@@ -194,6 +207,10 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
                 r = run_fio(None, t.fio_options(options), direct=False)
                 r["mibs"] /= t.files  # per file: what each node wrote, as a pair's figures are
                 r["iops"] /= t.files
+            elif wl in CHECKPOINT_PERIOD:
+                t.checkpoint()  # the job starts from empty overlays, as after any checkpoint
+                r = run_fio(path, options, direct=(io == "direct"), checkpoint=t.checkpoint,
+                            period=CHECKPOINT_PERIOD[wl])
             else:
                 r = run_fio(path, options, direct=(io == "direct"))
             r["daemon_cpu_s"] = _cpu_delta(cpu0, _cpu_of(t))
@@ -208,6 +225,8 @@ def _fio_job(cfg: Config, tres: dict, key: str, t, path: str, io: str, wl: str, 
         cell["runs"].append(r)
         log(f"  {TARGET_LABEL[key]:24} {r['mibs']:8.1f} MiB/s {r['iops']:9.0f} IOPS "
             f"p50 {r['p50_us']:7.1f} us p99 {r['p99_us']:8.1f} us")
+        if "checkpoints" in r:
+            log(f"  {'':24} {report.checkpoint_note([r])}")
         if cached and not IS_WRITE[wl]:
             log(f"  {'':24} cached at start: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in sorted(cached.items())))
         if cfg.release_pages and wl == "seqwrite":
@@ -430,7 +449,7 @@ def _start_fio_target(key, d, size):
         _LIVE.remove(t)
         if key == "py-floor":
             return t, t.path
-        return t, (t.sec_view if key.startswith("rd-sec") or key == "qemu-sec" else t.pri_view)
+        return t, (t.sec_view if _is_view(key) else t.pri_view)
     except BaseException:
         for t in holder:
             if t in _LIVE:

@@ -1,22 +1,32 @@
 """fio workloads and their JSON results."""
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import subprocess
 
+from .pause import Checkpointer
 from .util import BenchError, MiB
 
 # name -> (description, fio options, metric); sizes/runtimes are filled in by make_jobs.
-WORKLOADS = ("seqwrite", "randwrite", "randread", "randwrite4")
+WORKLOADS = ("seqwrite", "randwrite", "randread", "randwrite4", "ckptwrite")
 DESCRIPTION = {
     "seqwrite": "seq write 1 MiB, end_fsync",
     "randwrite": "rand write 4 KiB QD1",
     "randread": "rand read 4 KiB QD1",
     "randwrite4": "rand write 4 KiB x4 jobs",
+    "ckptwrite": "rand write 4 KiB QD1, checkpoint/s",
 }
-METRIC = {"seqwrite": "MiB/s", "randwrite": "IOPS", "randread": "IOPS", "randwrite4": "IOPS"}
-IS_WRITE = {"seqwrite": True, "randwrite": True, "randread": False, "randwrite4": True}
+METRIC = {"seqwrite": "MiB/s", "randwrite": "IOPS", "randread": "IOPS", "randwrite4": "IOPS",
+          "ckptwrite": "IOPS"}
+IS_WRITE = {"seqwrite": True, "randwrite": True, "randread": False, "randwrite4": True,
+            "ckptwrite": True}
+# Workloads run on a pair's primary with fio paused for a checkpoint of both
+# nodes every so many seconds (pause.Checkpointer): COLO's steady state, where
+# each checkpoint empties the secondary's hidden overlay and the writes after
+# it copy before they write.
+CHECKPOINT_PERIOD = {"ckptwrite": 1.0}
 
 
 def job_options(workload: str, size: int, runtime: int) -> dict:
@@ -25,7 +35,7 @@ def job_options(workload: str, size: int, runtime: int) -> dict:
     if workload == "seqwrite":
         return base | {"rw": "write", "bs": "1M", "end_fsync": 1}
     timed = {"time_based": 1, "runtime": runtime, "norandommap": 1, "bs": "4k"}
-    if workload == "randwrite":
+    if workload in ("randwrite", "ckptwrite"):
         return base | timed | {"rw": "randwrite"}
     if workload == "randread":
         return base | timed | {"rw": "randread"}
@@ -34,29 +44,40 @@ def job_options(workload: str, size: int, runtime: int) -> dict:
     raise ValueError(workload)
 
 
-def run_fio(filename: str | None, options: dict, direct: bool, timeout: float = 600) -> dict:
+def run_fio(filename: str | None, options: dict, direct: bool, timeout: float = 600,
+            checkpoint=None, period: float = 1.0) -> dict:
     """Run one fio job on `filename` (None: the options name the files);
     return {mibs, iops, p50_us, p99_us, runtime_ms, ios, fio_cpu_s}: `ios` the
     I/Os done, `fio_cpu_s` [user, system] CPU seconds of fio and its job
     processes (the system part includes the kernel's side of each request,
-    FUSE's included)."""
+    FUSE's included).  With `checkpoint` (a callable), fio is paused for a
+    call of it every `period` seconds, and the result has "checkpoints"
+    (pause.Checkpointer.summary); a failed checkpoint fails the job."""
     argv = ["fio", "--name=bench", "--output-format=json", f"--direct={1 if direct else 0}"]
     if filename is not None:
         argv.append(f"--filename={filename}")
     argv += [f"--{k}={v}" for k, v in options.items()]
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"fio timed out after {timeout:.0f}s") from None
+    ckpt = None
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as r:
+        with contextlib.ExitStack() as stack:
+            if checkpoint is not None:
+                ckpt = stack.enter_context(Checkpointer(r.pid, checkpoint, period))
+            try:
+                out, err_text = r.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                r.kill()
+                r.communicate()
+                raise BenchError(f"fio timed out after {timeout:.0f}s") from None
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = r.stdout
+    if ckpt is not None and ckpt.error:
+        raise BenchError(ckpt.error)
     try:
         data = json.loads(out[out.index("{"):])
     except ValueError:
         data = None
     if r.returncode != 0 or not data or data["jobs"][0].get("error"):
-        err = (r.stderr.strip() or out.strip()).splitlines()
+        err = (err_text.strip() or out.strip()).splitlines()
         msg = "; ".join(line for line in err if line.strip())[-300:]
         if data and data["jobs"][0].get("error"):
             msg = f"fio error {data['jobs'][0]['error']}: {msg}"
@@ -65,7 +86,7 @@ def run_fio(filename: str | None, options: dict, direct: bool, timeout: float = 
     write = options["rw"] in ("write", "randwrite")
     side = job["write"] if write else job["read"]
     pct = side.get("clat_ns", {}).get("percentile", {})
-    return {
+    result = {
         "mibs": side["bw_bytes"] / MiB,
         "iops": side["iops"],
         "p50_us": pct.get("50.000000", 0) / 1000,
@@ -75,6 +96,9 @@ def run_fio(filename: str | None, options: dict, direct: bool, timeout: float = 
         "ios": side.get("total_ios", 0),
         "fio_cpu_s": [ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime],
     }
+    if ckpt is not None:
+        result["checkpoints"] = ckpt.summary()
+    return result
 
 
 def write_random(filename: str, amount: int, region: int, jobs: int = 2, direct: bool = False,

@@ -1,6 +1,8 @@
 """Medians, ratios, the issue's targets, the stdout table and the PNG chart."""
 from __future__ import annotations
 
+import statistics
+
 from .fio import DESCRIPTION, IS_WRITE, METRIC, WORKLOADS
 from .profile import busy_symbols
 from .util import MiB, summarize
@@ -75,6 +77,16 @@ def flush_note(runs: list[dict]) -> str:
     return "; ".join(parts)
 
 
+def checkpoint_note(runs: list[dict]) -> str:
+    """Of fio runs paused for checkpoints (fio.CHECKPOINT_PERIOD): how many
+    checkpoints, and how long fio stood still for each."""
+    pauses = sorted(p for r in runs for p in r.get("checkpoints", {}).get("pauses_s", []))
+    if not pauses:
+        return ""
+    return (f"{len(pauses)} checkpoints, fio paused {1000 * statistics.median(pauses):.1f} ms "
+            f"at p50, {1000 * pauses[-1]:.1f} ms at most")
+
+
 def summarize_all(res: dict) -> dict:
     """-> {"rows": [...], "checks": [...]}; each row: section, item, target, unit,
     median/min/max/n (or na with a reason), ratios {name: value}, lower_is_better."""
@@ -131,6 +143,8 @@ def summarize_all(res: dict) -> dict:
             # what --direct-writes on / --write-behind does against the default, same run
             ratios[name] = _ratio(s["v"], fio_summ[(wl, io, default)]["v"])
         extra = {"workload": wl, "io": io, "key": key}
+        if checkpoint_note(fio[key][io][wl]["runs"]):
+            extra["note"] = checkpoint_note(fio[key][io][wl]["runs"])
         if s["p50"]:
             extra["p50_us"] = s["p50"]["median"]
             extra["p99_us"] = s["p99"]["median"]
