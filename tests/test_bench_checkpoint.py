@@ -137,3 +137,14 @@ def test_the_checkpointed_row_names_its_checkpoints_and_carries_the_write_target
     assert checks[("sync writes >= 1.0x QEMU", item)] is True
     assert checks[("async writes >= 1.5x QEMU", "rd-async-unix: rand write 4 KiB QD1, checkpoint/s, buffered")] \
         is False
+
+
+def test_the_chart_has_a_panel_for_every_workload(tmp_path):
+    pytest.importorskip("matplotlib")
+    cell = {io: {wl: {"runs": [{"mibs": 10.0, "iops": 2560.0, "p50_us": 100.0, "p99_us": 300.0}], "errors": []}
+                 for wl in report.WORKLOADS} for io in ("direct", "buffered")}
+    res = {"fio": {"targets": {"qemu-pri": cell, "rd-sync-unix": cell}, "labels": {}},
+           "meta": {"started": "now", "quick": True, "config": {"reps": 1}}}
+    path = tmp_path / "chart.png"
+    report.chart(res, report.summarize_all(res), str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -479,7 +479,8 @@ def chart(res: dict, summary: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["rows"]
-    fig, axes = plt.subplots(4, 4, figsize=(22, 19))
+    panels = 2 * len(WORKLOADS) + 3 + 1 + 3  # fio cells; checkpoint; sync; nodes
+    fig, axes = plt.subplots((panels + 3) // 4, 4, figsize=(22, 4.75 * ((panels + 3) // 4)))
     axes = axes.flatten()
     i = 0
     for wl in WORKLOADS:
