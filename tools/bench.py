@@ -176,9 +176,10 @@ def _is_view(key: str) -> bool:
 
 def _runs_on(key: str, t, wl: str) -> bool:
     """Whether workload `wl` is a job for target `key`: a checkpointed one
-    only on a pair's primary (COLO's guest writes there)."""
+    only on a pair (the primary's guest, or the secondary's on the view;
+    each checkpoint drops what the secondary's guest wrote)."""
     if wl in CHECKPOINT_PERIOD:
-        return hasattr(t, "checkpoint") and not _is_view(key)
+        return hasattr(t, "checkpoint")
     return wl in getattr(t, "workloads", WORKLOADS)
 
 

@@ -22,10 +22,11 @@ METRIC = {"seqwrite": "MiB/s", "randwrite": "IOPS", "randread": "IOPS", "randwri
           "ckptwrite": "IOPS"}
 IS_WRITE = {"seqwrite": True, "randwrite": True, "randread": False, "randwrite4": True,
             "ckptwrite": True}
-# Workloads run on a pair's primary with fio paused for a checkpoint of both
-# nodes every so many seconds (pause.Checkpointer): COLO's steady state, where
-# each checkpoint empties the secondary's hidden overlay and the writes after
-# it copy before they write.
+# Workloads run on a pair (its primary, or the secondary's view) with fio
+# paused for a checkpoint of both nodes every so many seconds
+# (pause.Checkpointer): COLO's steady state, where each checkpoint empties the
+# secondary's overlays, the primary's writes after it copy before they write
+# and the secondary guest's writes start a new active overlay.
 CHECKPOINT_PERIOD = {"ckptwrite": 1.0}
 
 
