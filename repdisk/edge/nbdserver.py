@@ -82,10 +82,10 @@ _SIDE_FLAGS = w.FLAG_HAS_FLAGS | w.FLAG_READ_ONLY | w.FLAG_SEND_FLUSH
 
 # Commands that write: a range past the end is ENOSPC for them, EINVAL for the others.
 _WRITING = frozenset({w.CMD_WRITE, w.CMD_WRITE_ZEROES})
-# Commands whose FUA flag means "flush before replying" (on others it is ignored).
-_DURABLE = frozenset({w.CMD_WRITE, w.CMD_WRITE_ZEROES, w.CMD_TRIM})
-# Commands the secondary applies with a copy-before-write (_look_ahead).
-_PROTECTING = frozenset({w.CMD_WRITE, w.CMD_WRITE_ZEROES, w.CMD_TRIM})
+# Commands that change the disk: their FUA flag means "flush before replying"
+# (on others it is ignored), and the secondary applies them with a
+# copy-before-write (_look_ahead).
+_CHANGING = frozenset({w.CMD_WRITE, w.CMD_WRITE_ZEROES, w.CMD_TRIM})
 _REQUEST_COUNTERS = ("read", "write", "flush", "trim", "write_zeroes", "disc", "other")
 
 
@@ -258,7 +258,7 @@ def _look_ahead(wire: "_ThreadWire", ahead: int, write_soon, size: int) -> int:
         if cmd == w.CMD_WRITE and length > w.MAX_REQUEST:
             break  # a protocol error: no hint for it, and no frame after it
         pos += header_size
-        if cmd in _PROTECTING:
+        if cmd in _CHANGING:
             if offset + length <= size:
                 write_soon(offset, length)
             if cmd == w.CMD_WRITE:
@@ -936,7 +936,7 @@ class _Session:
             self._flusher.submit(handle)  # replied once the device flushed
             return
         error = 0
-        if flags & w.CMD_FLAG_FUA and cmd in _DURABLE:
+        if flags & w.CMD_FLAG_FUA and cmd in _CHANGING:
             error = self._flush()
         self._reply(error, handle, data)
 
