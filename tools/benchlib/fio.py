@@ -59,11 +59,9 @@ def run_fio(filename: str | None, options: dict, direct: bool, timeout: float = 
         argv.append(f"--filename={filename}")
     argv += [f"--{k}={v}" for k, v in options.items()]
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    ckpt = None
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as r:
-        with contextlib.ExitStack() as stack:
-            if checkpoint is not None:
-                ckpt = stack.enter_context(Checkpointer(r.pid, checkpoint, period))
+        ckpt = Checkpointer(r.pid, checkpoint, period) if checkpoint is not None else None
+        with ckpt or contextlib.nullcontext():
             try:
                 out, err_text = r.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -18,10 +18,11 @@ import time
 from .util import BenchError
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, ppid) of a process, None once it is gone."""
+def _stat(path: str) -> tuple[str, int] | None:
+    """(state, ppid) from a /proc stat file (a process's or a thread's),
+    None once it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             text = f.read()
     except OSError:
         return None
@@ -34,7 +35,7 @@ def tree(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
-            st = _stat(int(name))
+            st = _stat(f"/proc/{name}/stat")
             if st is not None:
                 children.setdefault(st[1], []).append(int(name))
     out, todo = [], [root]
@@ -52,12 +53,8 @@ def _threads_stopped(pid: int) -> bool:
     except OSError:
         return True
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                text = f.read()
-        except OSError:
-            continue
-        if text[text.rindex(")") + 2] not in "TtZX":
+        st = _stat(f"/proc/{pid}/task/{tid}/stat")
+        if st is not None and st[0] not in "TtZX":
             return False
     return True
 
@@ -129,7 +126,7 @@ class Checkpointer:
             except BenchError as e:
                 self.error = str(e)
                 return
-            st = _stat(self.pid)
+            st = _stat(f"/proc/{self.pid}/stat")
             if self._done.is_set() or st is None or st[0] in "ZX":
                 continue_tree(pids)
                 return  # fio ended meanwhile: no checkpoint after the job

@@ -143,8 +143,9 @@ def summarize_all(res: dict) -> dict:
             # what --direct-writes on / --write-behind does against the default, same run
             ratios[name] = _ratio(s["v"], fio_summ[(wl, io, default)]["v"])
         extra = {"workload": wl, "io": io, "key": key}
-        if checkpoint_note(fio[key][io][wl]["runs"]):
-            extra["note"] = checkpoint_note(fio[key][io][wl]["runs"])
+        note = checkpoint_note(fio[key][io][wl]["runs"])
+        if note:
+            extra["note"] = note
         if s["p50"]:
             extra["p50_us"] = s["p50"]["median"]
             extra["p99_us"] = s["p99"]["median"]
