@@ -12,6 +12,7 @@ import trio
 
 from .edge import fuseloop
 from .edge.fuse import DiskFS, fuse_device_fd, mount_options, prepare_mountpoint
+from .edge.spin import FUSE_POLL_US
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,12 @@ def keep_heap() -> bool:
 
 
 async def serve_node(node, mountpoint: str, fsname: str, services=(), on_ready=None, shutdown=None,
-                     direct_writes: bool = False) -> None:
+                     direct_writes: bool = False, fuse_poll_us: int = FUSE_POLL_US) -> None:
     """Mount `node` at `mountpoint` and run until SIGINT/SIGTERM or an external
     unmount.  `services` are async callables `f(task_status=...)` started
     (and waited ready) before the mount; `shutdown` is an async callable run
     before unmounting; `on_ready` a plain callable run once mounted;
-    `direct_writes`: see DiskFS."""
+    `direct_writes`: see DiskFS; `fuse_poll_us`: see edge/fuseloop.py."""
     prepare_mountpoint(mountpoint)
     if not keep_heap():
         log.info("malloc settings not applied (no glibc mallopt): write buffers may come from fresh pages")
@@ -73,7 +74,7 @@ async def serve_node(node, mountpoint: str, fsname: str, services=(), on_ready=N
                 on_ready()
             # main() returns after pyfuse3.terminate() (a signal) or when the
             # file system was unmounted from outside.
-            with fuseloop.installed():
+            with fuseloop.installed(fuse_poll_us / 1e6):
                 await pyfuse3.main(min_tasks=FUSE_MIN_TASKS, max_tasks=FUSE_MAX_TASKS)
             unmounted = not stop.requested
             if unmounted:

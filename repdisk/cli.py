@@ -9,6 +9,7 @@ import sys
 
 from .core.errors import ImageError, InvalidArgument, RepdiskError
 from .core.image import parse_size
+from .edge.spin import FUSE_POLL_US
 
 log = logging.getLogger("repdisk")
 
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "to disk in the background, so that the VM's next fsync has only the rest to wait for "
                         "(0 or off: leave it all to the kernel and that fsync; default 8M, but off on a primary "
                         "in async mode, where it slowed streams of writes down)")
+
+        sp.add_argument("--fuse-poll-us", type=_number(int, 0, 10000, "a number of microseconds from 0 to 10000"),
+                        default=FUSE_POLL_US, help="microseconds the FUSE loop may poll for the next request "
+                        "before sleeping, while at least a quarter of requests come that fast (default "
+                        f"{FUSE_POLL_US}; 0: always sleep; costs up to that much CPU per request)")
 
     s = sub.add_parser("secondary", help="run a secondary node: NBD server for the primary + FUSE view")
     common(s)

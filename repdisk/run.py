@@ -90,7 +90,7 @@ def run_secondary(args) -> int:
         trio.run(functools.partial(
             serve_node, node, args.mount, "repdisk-secondary",
             services=[nbd_service], on_ready=ready, shutdown=shutdown,
-            direct_writes=args.direct_writes == "on"))
+            direct_writes=args.direct_writes == "on", fuse_poll_us=args.fuse_poll_us))
     finally:
         if node.write_behind is not None:
             node.write_behind.close(wait=5.0)
@@ -139,7 +139,7 @@ def run_primary(args) -> int:
         await serve_node(node, args.mount, "repdisk-primary",
                          services=[functools.partial(node.supervise, first)],
                          on_ready=ready, shutdown=node.shutdown,
-                         direct_writes=args.direct_writes == "on")
+                         direct_writes=args.direct_writes == "on", fuse_poll_us=args.fuse_poll_us)
 
     try:
         trio.run(main)

@@ -153,7 +153,8 @@ def test_secondary_of_another_size_is_refused(nodes, tmp_path):
 @pytest.mark.parametrize("option,value", [("--async-batch", "-3"), ("--async-batch", "many"),
                                           ("--async-batch-delay", "nan"), ("--io-timeout", "-1"),
                                           ("--connect-timeout", "0"), ("--al-extents", "1.5"),
-                                          ("--reply-poll-us", "-1"), ("--reply-poll-us", "20000")])
+                                          ("--reply-poll-us", "-1"), ("--reply-poll-us", "20000"),
+                                          ("--fuse-poll-us", "-1"), ("--fuse-poll-us", "20000")])
 def test_bad_numbers_are_refused_before_anything_happens(tmp_path, option, value):
     r = subprocess.run([sys.executable, "-m", "repdisk", "primary", "--disk", str(tmp_path / "p.img"), "--size", "1M",
                         "--mount", str(tmp_path / "m"), "--secondary", "nbd://127.0.0.1:1", option, value],

@@ -19,7 +19,8 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from repdisk.edge.replica import CHUNK, UNIX_SEND_BUFFER, ZERO_CHUNK, ReplicaError, ReplicaLink, ReplyPoll
+from repdisk.edge.replica import CHUNK, UNIX_SEND_BUFFER, ZERO_CHUNK, ReplicaError, ReplicaLink
+from repdisk.edge.spin import SpinPolicy
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("nbdkit") and shutil.which("qemu-nbd")), reason="needs nbdkit and qemu-nbd"
@@ -999,7 +1000,7 @@ def test_inline_wait_answers_lone_writes_and_yields_to_the_wake_fd(servers, wake
 
 
 def test_reply_poll_stops_when_spins_miss_and_comes_back_through_probes():
-    rp = ReplyPoll(50e-6)
+    rp = SpinPolicy(50e-6)
     assert rp.spinning and rp.window() == 50e-6  # starts hopeful
     misses = 0
     while rp.spinning:

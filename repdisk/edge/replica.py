@@ -37,18 +37,11 @@ waits, and never for more than 4 x `ms` (plus the spin below, if on).
 
 Polling for the reply (sync mode)
 ---------------------------------
-A process asleep in poll is woken by the kernel when the reply arrives; on
-a virtual machine whose idle vCPU halts (no guest halt-polling), that wake-up
-is an interprocessor interrupt and a host reschedule, tens of microseconds on
-every sync write's critical path.  With set_reply_poll(max_s) the inline
-wait first polls without sleeping (poll with timeout 0) for up to max_s, and
-sleeps only if the reply has not come by then (QEMU's IOThreads do the same,
-poll-max-ns).  The spin costs CPU, so it adapts: ReplyPoll keeps the share of
-recent spins that caught their reply and spins only while at least a
-quarter do; otherwise only every 16th inline wait spins, to notice when
-replies are fast again.  (Replies come sooner while the primary spins than
-while it sleeps, so waits measured asleep cannot tell what a spin would
-catch.)  Over a slow link, replies in milliseconds, the primary stops
+The inline wait of a sync write first polls without sleeping (poll with
+timeout 0) for up to max_s (set_reply_poll), and sleeps only if the reply has
+not come by then: the wake-up it saves is tens of microseconds on every sync
+write's critical path here.  It spins only while that pays (edge/spin.py,
+SpinPolicy): over a slow link, replies in milliseconds, the primary stops
 spinning within a few dozen writes and then spends at most max_s per 16.
 
 Batching (async mode)
@@ -113,6 +106,7 @@ import nbd
 import trio
 
 from ..core.errors import RepdiskError
+from .spin import SpinPolicy
 
 log = logging.getLogger(__name__)
 
@@ -147,42 +141,6 @@ class ReplicaError(RepdiskError):
     def __init__(self, message: str, errnum: int | None = None):
         super().__init__(message)
         self.errno = errnum or _errno.EIO
-
-
-class ReplyPoll:
-    """When an inline wait should spin for its reply (module doc, "Polling for
-    the reply").  Pure bookkeeping: ask window() at the start of each inline
-    wait; after a wait that spun, record() whether the reply came during the
-    spin (a wait given up for another FUSE request records nothing)."""
-
-    MIN_SHARE = 0.25  # keep spinning while at least this share of recent spins caught the reply
-    WEIGHT = 1 / 16  # of the newest spin in the running share (~16 spins of memory)
-    PROBE_EVERY = 16  # while not spinning, one inline wait in this many spins anyway
-
-    def __init__(self, max_s: float):
-        self.max_s = max_s
-        self.share = 1.0  # of recent spins that caught their reply; starts hopeful
-        self.caught = 0  # replies that came while spinning
-        self.spins = 0
-        self._skipped = 0
-
-    @property
-    def spinning(self) -> bool:
-        return self.share >= self.MIN_SHARE
-
-    def window(self) -> float:
-        """Seconds the next inline wait spins before it sleeps (0: none)."""
-        if self.share < self.MIN_SHARE:
-            self._skipped += 1
-            if self._skipped < self.PROBE_EVERY:
-                return 0.0
-            self._skipped = 0
-        self.spins += 1
-        return self.max_s
-
-    def record(self, caught: bool) -> None:
-        self.caught += caught
-        self.share += (caught - self.share) * self.WEIGHT
 
 
 def _nbd_message(e: "nbd.Error") -> str:
@@ -305,7 +263,7 @@ class ReplicaLink:
         self._inline_wake = -1
         self._inline_poll = None
         self._inline_done = 0  # replies handled by an inline wait
-        self._reply_poll: ReplyPoll | None = None  # set_reply_poll
+        self._reply_poll: SpinPolicy | None = None  # set_reply_poll
 
         self._batch_max = 0  # set_batching: 0 = off
         self._batch_delay = 0.0
@@ -371,15 +329,13 @@ class ReplicaLink:
         """Let an inline wait poll without sleeping for up to `max_s` seconds
         before it sleeps, while that pays (module doc, "Polling for the
         reply"); 0 turns it off."""
-        self._reply_poll = ReplyPoll(max_s) if max_s > 0 else None
+        self._reply_poll = SpinPolicy(max_s) if max_s > 0 else None
 
     def _reply_poll_stats(self) -> dict:
         rp = self._reply_poll
         if rp is None:
             return dict(reply_poll_us=0, reply_polls=0, polled_replies=0, reply_poll_share=None)
-        # reply_poll_us: the spin in effect now (0 while it does not pay)
-        return dict(reply_poll_us=round(rp.max_s * 1e6) if rp.spinning else 0, reply_polls=rp.spins,
-                    polled_replies=rp.caught, reply_poll_share=round(rp.share, 3))
+        return rp.statistics("reply_poll", "replies")
 
     def set_batching(self, max_requests: int, delay: float) -> None:
         """Hold small writes that nobody waits for and send them together:

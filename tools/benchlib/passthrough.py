@@ -3,7 +3,8 @@
     python passthrough.py IMAGE MOUNTPOINT
 
 Shows IMAGE as MOUNTPOINT/disk.img with the same mount options, direct I/O,
-block size, malloc settings, pyfuse3 task settings and worker loop (repdisk.edge.fuseloop) as repdisk's front end,
+block size, malloc settings, pyfuse3 task settings and worker loop (repdisk.edge.fuseloop,
+with its poll for the next request) as repdisk's front end,
 and nothing else: a read is one os.pread inline in the handler, a write
 repdisk's own RawImage.pwrite (os.pwrite in pieces of WRITE_PIECE), as
 repdisk writes its images.  The benchmark runs fio on it next to repdisk, so that its tables
@@ -25,6 +26,7 @@ from repdisk.app import FUSE_MAX_TASKS, FUSE_MIN_TASKS, keep_heap  # noqa: E402
 from repdisk.core.image import RawImage  # noqa: E402
 from repdisk.edge import fuseloop  # noqa: E402
 from repdisk.edge.fuse import PREFERRED_IO_SIZE, mount_options  # noqa: E402
+from repdisk.edge.spin import FUSE_POLL_US  # noqa: E402
 
 DISK = pyfuse3.ROOT_INODE + 1
 
@@ -94,7 +96,7 @@ async def main(fs, mountpoint):
                         return
 
             nursery.start_soon(stop_on_signal)
-            with fuseloop.installed():
+            with fuseloop.installed(FUSE_POLL_US / 1e6):
                 await pyfuse3.main(min_tasks=FUSE_MIN_TASKS, max_tasks=FUSE_MAX_TASKS)
             nursery.cancel_scope.cancel()
     finally:

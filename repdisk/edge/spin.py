@@ -1,0 +1,60 @@
+"""When to poll without sleeping, and when that stopped paying: the one
+policy behind both of the node's spins (the replica link's wait for a sync
+write's reply, edge/replica.py; the FUSE loop's wait for the next request,
+edge/fuseloop.py).
+
+A process asleep in poll/epoll is woken by the kernel when its input arrives;
+on a virtual machine whose idle vCPU halts, that wake-up is an interprocessor
+interrupt and a host reschedule, tens of microseconds on the critical path of
+every request.  Polling with timeout 0 for a short window first avoids it when
+the input comes within the window (QEMU's IOThreads do the same: poll-max-ns).
+The spin costs CPU, so it adapts: SpinPolicy keeps the share of recent spins
+that caught their input and spins only while at least a quarter do; otherwise
+only every 16th wait spins, to notice when input is fast again.  (Input comes
+sooner while the process spins than while it sleeps, so waits measured asleep
+cannot tell what a spin would catch.)  When input is slow, spinning stops
+within a few dozen waits and then costs at most one window per 16 waits; an
+idle node does not spin at all, as every spin starts with a wait."""
+
+FUSE_POLL_US = 50  # default: how long the FUSE reader polls for the next request (edge/fuseloop.py)
+
+
+class SpinPolicy:
+    """Pure bookkeeping: ask window() at the start of each wait; after a wait
+    that spun, record() whether the input came during the spin (a wait given
+    up for another reason records nothing)."""
+
+    MIN_SHARE = 0.25  # keep spinning while at least this share of recent spins caught their input
+    WEIGHT = 1 / 16  # of the newest spin in the running share (~16 spins of memory)
+    PROBE_EVERY = 16  # while not spinning, one wait in this many spins anyway
+
+    def __init__(self, max_s: float):
+        self.max_s = max_s
+        self.share = 1.0  # of recent spins that caught their input; starts hopeful
+        self.caught = 0  # waits whose input came while spinning
+        self.spins = 0
+        self._skipped = 0
+
+    @property
+    def spinning(self) -> bool:
+        return self.share >= self.MIN_SHARE
+
+    def window(self) -> float:
+        """Seconds the next wait spins before it sleeps (0: none)."""
+        if self.share < self.MIN_SHARE:
+            self._skipped += 1
+            if self._skipped < self.PROBE_EVERY:
+                return 0.0
+            self._skipped = 0
+        self.spins += 1
+        return self.max_s
+
+    def record(self, caught: bool) -> None:
+        self.caught += caught
+        self.share += (caught - self.share) * self.WEIGHT
+
+    def statistics(self, prefix: str, what: str) -> dict:
+        """`{prefix}_us` (the spin in effect now, 0 while it does not pay),
+        `{prefix}s`, `polled_{what}`, `{prefix}_share`."""
+        return {f"{prefix}_us": round(self.max_s * 1e6) if self.spinning else 0, f"{prefix}s": self.spins,
+                f"polled_{what}": self.caught, f"{prefix}_share": round(self.share, 3)}
