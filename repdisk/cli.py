@@ -9,7 +9,7 @@ import sys
 
 from .core.errors import ImageError, InvalidArgument, RepdiskError
 from .core.image import parse_size
-from .edge.spin import FUSE_POLL_US
+from .edge.spin import FUSE_POLL_US, REQUEST_POLL_US
 
 log = logging.getLogger("repdisk")
 
@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("secondary", help="run a secondary node: NBD server for the primary + FUSE view")
     common(s)
     s.add_argument("--listen", required=True, help="HOST:PORT or unix:PATH for the primary's NBD connection")
+    s.add_argument("--request-poll-us", type=_number(int, 0, 10000, "a number of microseconds from 0 to 10000"),
+                   default=REQUEST_POLL_US, help="microseconds the NBD server may poll for the primary's next "
+                   "request before sleeping, while at least a quarter of requests come that fast and the view "
+                   f"is idle (default {REQUEST_POLL_US}; 0: always sleep; costs up to that much CPU per request)")
 
     pr = sub.add_parser("primary", help="run a primary node: FUSE disk replicated over NBD")
     common(pr)

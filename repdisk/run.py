@@ -14,9 +14,10 @@ from .core.image import RawImage
 log = logging.getLogger("repdisk")
 
 
-def secondary_server(node):
+def secondary_server(node, request_poll_us: int = 0):
     """The secondary's NBD server: the replica side of its stack (with the
-    received map), its identity checks and side exports."""
+    received map), its identity checks and side exports; `request_poll_us`:
+    --request-poll-us (edge/spin.py)."""
     from .core.blockdev import StackReplicaDevice
     from .edge.nbdserver import NbdServer
 
@@ -29,6 +30,7 @@ def secondary_server(node):
         check_export=node.check_export,
         lock=node.io_lock,
         side_export=node.side_export,
+        request_poll_s=request_poll_us / 1e6,
     )
     node.server = server
     return server
@@ -71,7 +73,7 @@ def run_secondary(args) -> int:
     stack = SecondaryStack(image, f"{prefix}.hidden", f"{prefix}.active", args.block_size)
     node = SecondaryNode(stack, listen=args.listen, invalidate=invalidate_disk, meta_path=f"{prefix}.meta")
     node.write_behind = write_behind(image, args.write_behind)
-    server = secondary_server(node)
+    server = secondary_server(node, args.request_poll_us)
 
     async def shutdown():
         await trio.to_thread.run_sync(stack.flush_replica)

@@ -13,7 +13,8 @@ import trio
 from nodes import needs_fuse, read_file, write_file
 from test_pair_e2e import start_pair
 
-from repdisk.edge import fuseloop
+from repdisk.edge import fuseloop, spin
+from repdisk.edge.spin import SpinPolicy
 
 
 def run(poll_s, fn):
@@ -110,6 +111,17 @@ def test_a_device_always_readable_still_lets_other_tasks_run_and_be_cancelled():
     run(1.0, body)
 
 
+def test_a_thread_holds_its_spin_while_another_spinning_thread_has_input():
+    policy = SpinPolicy(1e-3)
+    other = threading.Thread(target=SpinPolicy.arrived)
+    other.start()
+    other.join()
+    assert policy.window() == 0.0 and policy.deferred == 1 and policy.spins == 0
+    SpinPolicy.arrived()  # this thread's own input holds nothing
+    time.sleep(spin.QUIET_S * 2)
+    assert policy.window() == 1e-3 and policy.spins == 1 and policy.deferred == 1
+
+
 def test_off_means_no_spin():
     async def body(wait, low, rfd, wfd):
         write_later(wfd, 0.01)
@@ -127,13 +139,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 @needs_fuse
-@pytest.mark.parametrize("poll_us", ["50", "0"])
-def test_a_pair_polls_for_fuse_requests_only_while_they_come(nodes, tmp_path, poll_us):
-    pri, sec = start_pair(nodes, tmp_path, mode="async", both=("--fuse-poll-us", poll_us))
+@pytest.mark.parametrize("mode,poll_us,request_poll_us", [("sync", "50", "200"), ("async", "50", "200"),
+                                                          ("sync", "0", "0")])
+def test_a_pair_polls_for_requests_only_while_they_come(nodes, tmp_path, mode, poll_us, request_poll_us):
+    pri, sec = start_pair(nodes, tmp_path, mode=mode, both=("--fuse-poll-us", poll_us),
+                          secondary=("--request-poll-us", request_poll_us))
     fd = os.open(pri.disk, os.O_RDWR)
     try:
         for i in range(500):  # back to back, as a guest at queue depth 1
             os.pwrite(fd, i.to_bytes(4, "little") * 1024, i * 4096)
+        for i in range(500):
             assert os.pread(fd, 4096, i * 4096)[:4] == i.to_bytes(4, "little")
     finally:
         os.close(fd)
@@ -145,13 +160,55 @@ def test_a_pair_polls_for_fuse_requests_only_while_they_come(nodes, tmp_path, po
             assert (f["polls"], f["polled_requests"], f["poll_us"]) == (0, 0, 0), f
         else:
             assert f["polled_requests"] > 0 and f["polls"] >= f["polled_requests"], f
-    s = pri.status()["fuse"]
+    s, nbd = pri.status()["fuse"], sec.status()["nbd"]
     if poll_us != "0":
         # most of the 1,000 requests came while the reader was still polling
         assert s["polled_requests"] > 500 and s["poll_us"] == 50, s
+    if request_poll_us == "0":
+        assert (nbd["request_polls"], nbd["polled_requests"], nbd["request_poll_us"]) == (0, 0, 0), nbd
+    elif mode == "sync":
+        # each write's successor comes a round trip later: most were caught
+        assert nbd["polled_requests"] > 250 and nbd["request_poll_us"] == 200, {k: v for k, v in nbd.items() if "poll" in k}
     # Idle, neither node spins: each spin starts with a wait for a request.
     time.sleep(0.2)
     before = [cpu_seconds(n.proc.pid) for n in (pri, sec)]
     time.sleep(1.0)
     used = [cpu_seconds(n.proc.pid) - b for n, b in zip((pri, sec), before)]
     assert max(used) < 0.1, used
+
+
+@needs_fuse
+def test_a_secondary_busy_on_both_sides_does_not_spin_against_itself(nodes, tmp_path):
+    """The view's reader and the NBD request thread share the secondary's
+    GIL: while both have requests, neither spins (edge/spin.py)."""
+    pri, sec = start_pair(nodes, tmp_path, both=("--fuse-poll-us", "50"), secondary=("--request-poll-us", "200"))
+    stop = threading.Event()
+    reads = [0]
+
+    def view_reader():
+        fd = os.open(sec.disk, os.O_RDONLY)
+        try:
+            while not stop.is_set():
+                os.pread(fd, 4096, (reads[0] % 512) * 4096)
+                reads[0] += 1
+        finally:
+            os.close(fd)
+
+    reader = threading.Thread(target=view_reader)
+    reader.start()
+    try:
+        fd = os.open(pri.disk, os.O_WRONLY)
+        try:
+            for i in range(1000):
+                os.pwrite(fd, b"w" * 4096, i * 4096)
+        finally:
+            os.close(fd)
+    finally:
+        stop.set()
+        reader.join()
+    f, nbd = sec.status()["fuse"], sec.status()["nbd"]
+    assert reads[0] > 100
+    assert f["polls_deferred"] > 0 and nbd["request_polls_deferred"] > 0, (f, nbd)
+    pri.command("checkpoint")
+    sec.command("checkpoint")
+    assert read_file(sec.disk, 0, 1000 * 4096) == b"w" * 4096 * 1000

@@ -23,14 +23,14 @@ pytestmark = needs_fuse
 SIZE = 8 << 20 | 1234  # not a multiple of the block size: the last block is short
 
 
-def start_pair(nodes, tmp_path, transport="unix", mode="sync", size=SIZE, extra=(), both=()):
-    """extra: primary options; both: options for both nodes."""
+def start_pair(nodes, tmp_path, transport="unix", mode="sync", size=SIZE, extra=(), both=(), secondary=()):
+    """extra: primary options; both: options for both nodes; secondary: the secondary's."""
     if transport == "unix":
         listen = f"unix:{tmp_path}/sec.sock"
     else:
         listen = "127.0.0.1:0"
     sec = nodes("secondary", "--disk", str(tmp_path / "sec.img"), "--size", str(size), "--listen", listen,
-                *both, name="secondary")
+                *both, *secondary, name="secondary")
     addr = sec.status()["listen"]
     uri = f"nbd+unix:///?socket={addr[5:]}" if addr.startswith("unix:") else f"nbd://{addr}"
     pri = nodes("primary", "--disk", str(tmp_path / "pri.img"), "--size", str(size), "--secondary", uri,

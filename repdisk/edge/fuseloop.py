@@ -45,7 +45,9 @@ that the node's other tasks (the replica link's replies, the NBD server, the
 control file) keep running, and sleeps only if no request came by then.  The
 spin adapts as the replica link's does (edge/spin.py): while fewer than a
 quarter of spins catch a request, only one wait in 16 spins.  An idle node
-never spins.  pyfuse3.terminate() (notify_closing, through the same
+never spins, and neither does a reader whose process has another spinning
+thread with input (the secondary's NBD request thread while replicating):
+they share the GIL (edge/spin.py).  pyfuse3.terminate() (notify_closing, through the same
 namespace) ends a spin at once.
 
 Measured with tools/option_ab.py (a fresh pair per run, fio 4 KiB QD1 direct
@@ -145,6 +147,7 @@ class _Lowlevel(types.SimpleNamespace):
                 yielded = True
             else:
                 policy.record(True)
+                SpinPolicy.arrived()
                 # Still a checkpoint, as trio's wait_readable: with requests
                 # always queued, the loop would otherwise never let the
                 # other tasks run.
@@ -154,10 +157,11 @@ class _Lowlevel(types.SimpleNamespace):
                     await trio.lowlevel.checkpoint()
                 return
         await trio.lowlevel.wait_readable(fd)
+        SpinPolicy.arrived()  # also with no poll here: the other spinning threads hold theirs
 
     def statistics(self) -> dict:
         if self.policy is None:
-            return {"poll_us": 0, "polls": 0, "polled_requests": 0, "poll_share": None}
+            return {"poll_us": 0, "polls": 0, "polled_requests": 0, "poll_share": None, "polls_deferred": 0}
         return self.policy.statistics("poll", "requests")
 
 

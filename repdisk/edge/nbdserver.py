@@ -47,15 +47,18 @@ server, and never touch the device.
 import logging
 import os
 import queue
+import select
 import socket
 import stat
 import threading
+from time import perf_counter as _now
 
 import trio
 
 from repdisk.core.errors import InvalidArgument, ReadOnly, RepdiskError
 
 from . import nbdwire as w
+from .spin import SpinPolicy
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +157,13 @@ class _ThreadWire:
     the socket in blocking mode.  Same buffering as _Wire; replies are queued
     (`reply`) and go out in one writev before the thread waits for input."""
 
-    def __init__(self, fd: int, leftover: bytes, size: int = RECV_BUFFER):
+    def __init__(self, fd: int, leftover: bytes, size: int = RECV_BUFFER, spin: SpinPolicy | None = None):
         self.fd = fd
+        self.spin = spin  # poll for the next request before sleeping (NbdServer's request_poll_s)
+        self._poll = None
+        if spin is not None:
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLIN)
         self.buf = bytearray(max(size, len(leftover)))
         self.view = memoryview(self.buf)
         self.start, self.end = 0, len(leftover)
@@ -172,12 +180,26 @@ class _ThreadWire:
     def _recv_into(self, view: memoryview) -> int:
         if self.out:
             self.flush()  # the client may be waiting for these before it sends more
+        spin = self.spin
+        if spin is not None:
+            window = spin.window()
+            if window:
+                poll = self._poll.poll
+                end = _now() + window
+                while not poll(0):
+                    if _now() >= end:
+                        spin.record(False)
+                        break
+                else:
+                    spin.record(True)
         try:
             n = os.readv(self.fd, [view])
         except OSError as e:
             raise _PeerGone(f"receive failed: {e.strerror or e}") from None
         if n == 0:
             raise _PeerGone("connection closed by the client")
+        if spin is not None:
+            spin.arrived()
         return n
 
     def exactly(self, n: int) -> memoryview:
@@ -312,8 +334,11 @@ class NbdServer:
     handshake_timeout = 30.0
 
     def __init__(self, device, *, export_name: str = "", description: str = "", on_connect=None, on_disconnect=None,
-                 check_export=None, lock=None, side_export=None):
+                 check_export=None, lock=None, side_export=None, request_poll_s: float = 0.0):
         self.device = device
+        # The device's client (not a side export's) polls for its next request
+        # for up to this long before it sleeps (edge/spin.py; 0: never).
+        self.request_poll = SpinPolicy(request_poll_s) if request_poll_s > 0 else None
         # Held around each request's device call (in the connection's thread);
         # whoever else uses the device holds it too.
         self.lock = lock if lock is not None else threading.Lock()
@@ -370,6 +395,10 @@ class NbdServer:
         stats = dict(self._counters)
         stats["requests"] = dict(self._requests)
         stats["peer"] = self.peer
+        rp = self.request_poll
+        stats.update(rp.statistics("request_poll", "requests") if rp is not None else
+                     {"request_poll_us": 0, "request_polls": 0, "polled_requests": 0, "request_poll_share": None,
+                      "request_polls_deferred": 0})
         return stats
 
     # ---- listening ----------------------------------------------------------------
@@ -753,7 +782,7 @@ class _Session:
         await trio.lowlevel.checkpoint()  # a cancel that stopped the thread goes on from here
 
     def _transmit(self, fd: int, leftover: bytes) -> None:
-        self.tw = _ThreadWire(fd, leftover)
+        self.tw = _ThreadWire(fd, leftover, spin=None if self.side else self.server.request_poll)
         try:
             try:
                 self._serve_requests()

@@ -14,9 +14,24 @@ only every 16th wait spins, to notice when input is fast again.  (Input comes
 sooner while the process spins than while it sleeps, so waits measured asleep
 cannot tell what a spin would catch.)  When input is slow, spinning stops
 within a few dozen waits and then costs at most one window per 16 waits; an
-idle node does not spin at all, as every spin starts with a wait."""
+idle node does not spin at all, as every spin starts with a wait.
+
+Spinners in one process share its GIL.  A thread spinning in Python takes the
+GIL back after every poll, and another thread of the process that has work
+(the secondary's NBD request thread while its FUSE loop spins, or the other
+way round) waits for it: with both busy, spinning made both slower.  So a
+spinner that calls arrived() for its input spins only while no other such
+thread had input within the last QUIET_S; the threads then sleep between
+inputs as they did without spinning."""
+
+import threading
+from time import perf_counter as _now
+
+QUIET_S = 0.002  # another spinning thread's input this recent: do not spin
+_last_input: dict[int, float] = {}  # thread id -> when its last input came (spinners that call arrived())
 
 FUSE_POLL_US = 50  # default: how long the FUSE reader polls for the next request (edge/fuseloop.py)
+REQUEST_POLL_US = 200  # default: how long the secondary's NBD server polls for the next request (edge/nbdserver.py)
 
 
 class SpinPolicy:
@@ -33,6 +48,7 @@ class SpinPolicy:
         self.share = 1.0  # of recent spins that caught their input; starts hopeful
         self.caught = 0  # waits whose input came while spinning
         self.spins = 0
+        self.deferred = 0  # waits that did not spin: another thread of the process had input
         self._skipped = 0
 
     @property
@@ -41,6 +57,9 @@ class SpinPolicy:
 
     def window(self) -> float:
         """Seconds the next wait spins before it sleeps (0: none)."""
+        if len(_last_input) > 1 and _others_busy():
+            self.deferred += 1
+            return 0.0
         if self.share < self.MIN_SHARE:
             self._skipped += 1
             if self._skipped < self.PROBE_EVERY:
@@ -53,8 +72,21 @@ class SpinPolicy:
         self.caught += caught
         self.share += (caught - self.share) * self.WEIGHT
 
+    @staticmethod
+    def arrived() -> None:
+        """This thread's wait got its input (spinning or not): the other
+        spinning threads of the process hold their spins for QUIET_S."""
+        _last_input[threading.get_ident()] = _now()
+
     def statistics(self, prefix: str, what: str) -> dict:
         """`{prefix}_us` (the spin in effect now, 0 while it does not pay),
-        `{prefix}s`, `polled_{what}`, `{prefix}_share`."""
+        `{prefix}s`, `polled_{what}`, `{prefix}_share`, `{prefix}s_deferred`."""
         return {f"{prefix}_us": round(self.max_s * 1e6) if self.spinning else 0, f"{prefix}s": self.spins,
-                f"polled_{what}": self.caught, f"{prefix}_share": round(self.share, 3)}
+                f"polled_{what}": self.caught, f"{prefix}_share": round(self.share, 3),
+                f"{prefix}s_deferred": self.deferred}
+
+
+def _others_busy() -> bool:
+    """Another spinning thread of this process had input within QUIET_S."""
+    me, since = threading.get_ident(), _now() - QUIET_S
+    return any(tid != me and t > since for tid, t in tuple(_last_input.items()))
