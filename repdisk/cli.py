@@ -56,6 +56,9 @@ def _number(convert, low, high, what):
     return parse
 
 
+_MICROSECONDS = _number(int, 0, 10000, "a number of microseconds from 0 to 10000")  # the spins' windows
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="repdisk", description="Replicated virtual disk (COLO-style block replication) over FUSE and NBD.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -79,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0 or off: leave it all to the kernel and that fsync; default 8M, but off on a primary "
                         "in async mode, where it slowed streams of writes down)")
 
-        sp.add_argument("--fuse-poll-us", type=_number(int, 0, 10000, "a number of microseconds from 0 to 10000"),
+        sp.add_argument("--fuse-poll-us", type=_MICROSECONDS,
                         default=FUSE_POLL_US, help="microseconds the FUSE loop may poll for the next request "
                         "before sleeping, while at least a quarter of requests come that fast (default "
                         f"{FUSE_POLL_US}; 0: always sleep; costs up to that much CPU per request)")
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("secondary", help="run a secondary node: NBD server for the primary + FUSE view")
     common(s)
     s.add_argument("--listen", required=True, help="HOST:PORT or unix:PATH for the primary's NBD connection")
-    s.add_argument("--request-poll-us", type=_number(int, 0, 10000, "a number of microseconds from 0 to 10000"),
+    s.add_argument("--request-poll-us", type=_MICROSECONDS,
                    default=REQUEST_POLL_US, help="microseconds the NBD server may poll for the primary's next "
                    "request before sleeping, while at least a quarter of requests come that fast and the view "
                    f"is idle (default {REQUEST_POLL_US}; 0: always sleep; costs up to that much CPU per request)")
@@ -101,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "together, up to this many (default 64; 0 or 1: each at once)")
     pr.add_argument("--async-batch-delay", type=_number(float, 0, 1000, "a delay from 0 to 1000 ms"), default=5.0, help="async mode: milliseconds the first write "
                     "of a batch may wait for others (default 5; 0: no batching); a checkpoint or flush sends at once")
-    pr.add_argument("--reply-poll-us", type=_number(int, 0, 10000, "a number of microseconds from 0 to 10000"), default=200,
+    pr.add_argument("--reply-poll-us", type=_MICROSECONDS, default=200,
                     help="sync mode: microseconds a write may poll for the secondary's reply before sleeping, "
                     "while at least a quarter of replies come that fast (default 200; 0: always sleep; costs up to that much CPU per write)")
     pr.add_argument("--assume-synced", action="store_true", help="skip the initial full sync (the images are known identical)")

@@ -67,6 +67,7 @@ from time import perf_counter as _now
 import pyfuse3
 import trio
 
+from . import spin
 from .spin import SpinPolicy
 
 
@@ -114,7 +115,7 @@ class _Lowlevel(types.SimpleNamespace):
 
     def __init__(self, poll_s: float):
         super().__init__()
-        self.policy = SpinPolicy(poll_s) if poll_s > 0 else None
+        self.policy = spin.policy(poll_s)
         self.closing = False  # notify_closing() was called: no more waiting
         self._poll = None
         self._poll_fd = -1
@@ -160,9 +161,7 @@ class _Lowlevel(types.SimpleNamespace):
         SpinPolicy.arrived()  # also with no poll here: the other spinning threads hold theirs
 
     def statistics(self) -> dict:
-        if self.policy is None:
-            return {"poll_us": 0, "polls": 0, "polled_requests": 0, "poll_share": None, "polls_deferred": 0}
-        return self.policy.statistics("poll", "requests")
+        return spin.statistics(self.policy, "poll", "requests")
 
 
 class _TrioForPyfuse3(types.SimpleNamespace):

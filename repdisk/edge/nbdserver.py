@@ -58,6 +58,7 @@ import trio
 from repdisk.core.errors import InvalidArgument, ReadOnly, RepdiskError
 
 from . import nbdwire as w
+from . import spin as _spin
 from .spin import SpinPolicy
 
 log = logging.getLogger(__name__)
@@ -338,7 +339,7 @@ class NbdServer:
         self.device = device
         # The device's client (not a side export's) polls for its next request
         # for up to this long before it sleeps (edge/spin.py; 0: never).
-        self.request_poll = SpinPolicy(request_poll_s) if request_poll_s > 0 else None
+        self.request_poll = _spin.policy(request_poll_s)
         # Held around each request's device call (in the connection's thread);
         # whoever else uses the device holds it too.
         self.lock = lock if lock is not None else threading.Lock()
@@ -395,10 +396,7 @@ class NbdServer:
         stats = dict(self._counters)
         stats["requests"] = dict(self._requests)
         stats["peer"] = self.peer
-        rp = self.request_poll
-        stats.update(rp.statistics("request_poll", "requests") if rp is not None else
-                     {"request_poll_us": 0, "request_polls": 0, "polled_requests": 0, "request_poll_share": None,
-                      "request_polls_deferred": 0})
+        stats.update(_spin.statistics(self.request_poll, "request_poll", "requests"))
         return stats
 
     # ---- listening ----------------------------------------------------------------

@@ -106,6 +106,7 @@ import nbd
 import trio
 
 from ..core.errors import RepdiskError
+from . import spin
 from .spin import SpinPolicy
 
 log = logging.getLogger(__name__)
@@ -307,7 +308,7 @@ class ReplicaLink:
             held_back=self._held_back,  # requests that waited for an overlapping one
             failures=self._failures,  # requests reported to on_failure
             inline_replies=self._inline_done,  # sync writes answered while waiting inline
-            **self._reply_poll_stats(),
+            **spin.statistics(self._reply_poll, "reply_poll", "replies"),
             batches=self._batches,  # set_batching: batches sent, and the requests in them
             batched_requests=self._batched,
             send_buffer=self.send_buffer,
@@ -329,13 +330,8 @@ class ReplicaLink:
         """Let an inline wait poll without sleeping for up to `max_s` seconds
         before it sleeps, while that pays (module doc, "Polling for the
         reply"); 0 turns it off."""
-        self._reply_poll = SpinPolicy(max_s) if max_s > 0 else None
+        self._reply_poll = spin.policy(max_s)
 
-    def _reply_poll_stats(self) -> dict:
-        rp = self._reply_poll
-        if rp is None:
-            return dict(reply_poll_us=0, reply_polls=0, polled_replies=0, reply_poll_share=None)
-        return rp.statistics("reply_poll", "replies")
 
     def set_batching(self, max_requests: int, delay: float) -> None:
         """Hold small writes that nobody waits for and send them together:

@@ -1,7 +1,8 @@
 """When to poll without sleeping, and when that stopped paying: the one
-policy behind both of the node's spins (the replica link's wait for a sync
-write's reply, edge/replica.py; the FUSE loop's wait for the next request,
-edge/fuseloop.py).
+policy behind the node's spins (the replica link's wait for a sync write's
+reply, edge/replica.py; the FUSE loop's wait for the next request,
+edge/fuseloop.py; the NBD server's wait for the primary's next request,
+edge/nbdserver.py).
 
 A process asleep in poll/epoll is woken by the kernel when its input arrives;
 on a virtual machine whose idle vCPU halts, that wake-up is an interprocessor
@@ -78,12 +79,23 @@ class SpinPolicy:
         spinning threads of the process hold their spins for QUIET_S."""
         _last_input[threading.get_ident()] = _now()
 
-    def statistics(self, prefix: str, what: str) -> dict:
-        """`{prefix}_us` (the spin in effect now, 0 while it does not pay),
-        `{prefix}s`, `polled_{what}`, `{prefix}_share`, `{prefix}s_deferred`."""
-        return {f"{prefix}_us": round(self.max_s * 1e6) if self.spinning else 0, f"{prefix}s": self.spins,
-                f"polled_{what}": self.caught, f"{prefix}_share": round(self.share, 3),
-                f"{prefix}s_deferred": self.deferred}
+
+
+def policy(max_s: float) -> SpinPolicy | None:
+    """A policy spinning up to `max_s` seconds, or None for 0 (never)."""
+    return SpinPolicy(max_s) if max_s > 0 else None
+
+
+def statistics(policy: SpinPolicy | None, prefix: str, what: str) -> dict:
+    """For the status: `{prefix}_us` (the spin in effect now, 0 while it does
+    not pay or with no policy), `{prefix}s`, `polled_{what}`, `{prefix}_share`
+    (None with no policy), `{prefix}s_deferred`."""
+    if policy is None:
+        return {f"{prefix}_us": 0, f"{prefix}s": 0, f"polled_{what}": 0, f"{prefix}_share": None,
+                f"{prefix}s_deferred": 0}
+    return {f"{prefix}_us": round(policy.max_s * 1e6) if policy.spinning else 0, f"{prefix}s": policy.spins,
+            f"polled_{what}": policy.caught, f"{prefix}_share": round(policy.share, 3),
+            f"{prefix}s_deferred": policy.deferred}
 
 
 def _others_busy() -> bool:
