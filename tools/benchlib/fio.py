@@ -48,7 +48,7 @@ def job_options(workload: str, size: int, runtime: int) -> dict:
 def run_fio(filename: str | None, options: dict, direct: bool, timeout: float = 600,
             checkpoint=None, period: float = 1.0) -> dict:
     """Run one fio job on `filename` (None: the options name the files);
-    return {mibs, iops, p50_us, p99_us, runtime_ms, ios, fio_cpu_s}: `ios` the
+    return {mibs, iops, p50_us, p99_us, p999_us, runtime_ms, ios, fio_cpu_s}: `ios` the
     I/Os done, `fio_cpu_s` [user, system] CPU seconds of fio and its job
     processes (the system part includes the kernel's side of each request,
     FUSE's included).  With `checkpoint` (a callable), fio is paused for a
@@ -90,6 +90,7 @@ def run_fio(filename: str | None, options: dict, direct: bool, timeout: float = 
         "iops": side["iops"],
         "p50_us": pct.get("50.000000", 0) / 1000,
         "p99_us": pct.get("99.000000", 0) / 1000,
+        "p999_us": pct.get("99.900000", 0) / 1000,
         # The group's wall time: job_runtime sums the jobs' (numjobs > 1).
         "runtime_ms": side.get("runtime") or job.get("job_runtime"),
         "ios": side.get("total_ios", 0),
