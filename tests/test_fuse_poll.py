@@ -3,6 +3,7 @@ the next request"): the namespace pyfuse3 waits through, driven by trio tasks
 on a real pipe, then a real pair with and without it."""
 
 import os
+import sys
 import threading
 import time
 
@@ -10,11 +11,15 @@ import pyfuse3
 import pytest
 import trio
 
-from nodes import needs_fuse, read_file, write_file
+from nodes import needs_fuse, read_file, wait_until, write_file
 from test_pair_e2e import start_pair
 
 from repdisk.edge import fuseloop, spin
 from repdisk.edge.spin import SpinPolicy
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+
+from benchlib.util import cpu_seconds  # noqa: E402
 
 
 def run(poll_s, fn):
@@ -118,7 +123,8 @@ def test_a_thread_holds_its_spin_while_another_spinning_thread_has_input():
     other.join()
     assert policy.window() == 0.0 and policy.deferred == 1 and policy.spins == 0
     SpinPolicy.arrived()  # this thread's own input holds nothing
-    time.sleep(spin.QUIET_S * 2)
+    wait_until(lambda: not spin._others_busy(), timeout=1, interval=spin.QUIET_S / 4,
+               what="the other thread's input to age")
     assert policy.window() == 1e-3 and policy.spins == 1 and policy.deferred == 1
 
 
@@ -130,12 +136,6 @@ def test_off_means_no_spin():
         assert (s["polls"], s["polled_requests"], s["poll_us"], s["poll_share"]) == (0, 0, 0, None), s
 
     run(0.0, body)
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @needs_fuse
@@ -170,10 +170,9 @@ def test_a_pair_polls_for_requests_only_while_they_come(nodes, tmp_path, mode, p
         # each write's successor comes a round trip later: most were caught
         assert nbd["polled_requests"] > 250 and nbd["request_poll_us"] == 200, {k: v for k, v in nbd.items() if "poll" in k}
     # Idle, neither node spins: each spin starts with a wait for a request.
-    time.sleep(0.2)
-    before = [cpu_seconds(n.proc.pid) for n in (pri, sec)]
-    time.sleep(1.0)
-    used = [cpu_seconds(n.proc.pid) - b for n, b in zip((pri, sec), before)]
+    before = [sum(cpu_seconds(n.proc.pid)) for n in (pri, sec)]
+    time.sleep(1.0)  # the span measured: nothing to wait for
+    used = [sum(cpu_seconds(n.proc.pid)) - b for n, b in zip((pri, sec), before)]
     assert max(used) < 0.1, used
 
 
