@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--secondary", required=True, help="NBD URI of the secondary, e.g. nbd://127.0.0.1:10809 or 'nbd+unix:///?socket=/run/x.sock'")
     pr.add_argument("--mode", choices=("sync", "async"), default="sync", help="sync: a write returns after the secondary has it (default); async: after the local write")
     pr.add_argument("--async-queue", type=_size, default=64 << 20, help="async mode: bytes replication may trail behind (default 64M)")
-    pr.add_argument("--async-batch", type=_number(int, 0, 4096, "a batch size from 0 to 4096"), default=64, help="async mode: small writes sent to the secondary "
-                    "together, up to this many (default 64; 0 or 1: each at once)")
+    pr.add_argument("--async-batch", type=_number(int, 0, 4096, "a batch size from 0 to 4096"), default=1, help="async mode: small writes sent to the secondary "
+                    "together, up to this many (default 1: each at once, 0 too; batches cost more than they save "
+                    "while both nodes poll for their next request)")
     pr.add_argument("--async-batch-delay", type=_number(float, 0, 1000, "a delay from 0 to 1000 ms"), default=5.0, help="async mode: milliseconds the first write "
                     "of a batch may wait for others (default 5; 0: no batching); a checkpoint or flush sends at once")
     pr.add_argument("--reply-poll-us", type=_MICROSECONDS, default=200,

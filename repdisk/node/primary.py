@@ -98,7 +98,7 @@ class PrimaryNode:
                  async_queue: int = 64 << 20, assume_synced: bool = False, connect_timeout: float = 10.0,
                  link_factory=None, meta_path: str | None = None, al_path: str | None = None,
                  al_extents: int = AL_SLOTS, io_timeout: float = 10.0, resync_rate: int = 0,
-                 checkpoint_flush: bool = False, batch: int = 64, batch_delay: float = 0.005,
+                 checkpoint_flush: bool = False, batch: int = 1, batch_delay: float = 0.005,
                  reply_poll_us: int = REPLY_POLL_US, al_durability: str = "host",
                  replica_first: bool = True, flush_interval: float = FLUSH_INTERVAL,
                  flush_bytes: int = FLUSH_BYTES):
