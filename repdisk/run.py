@@ -41,16 +41,14 @@ WRITE_BEHIND_DEFAULT = 8 << 20
 
 def write_behind(image, every: int | None, default: int = WRITE_BEHIND_DEFAULT):
     """--write-behind: a WriteBehind thread fed by the image's large writes,
-    or None when it is off.  every=None: the node's default.
+    or None when it is off.  every=None: the default, on every node.
 
-    The default is off on a primary in async mode.  There each VM write
-    waits for our own page-cache write, and write-back of the same file
-    alongside holds some of them up: in tools/bench's comparison target
-    rd-async-unix-wb (1 MiB direct, first touch) p99 was 16-21 ms against
-    2-10 ms, and its median 0.84-0.94x the default's in seven runs, 1.16x
-    in one (buffered: 0.87-1.09x).  Its fsync writes back while the queue
-    drains instead (PrimaryNode._flush_both).  Sync mode gained (497 MiB/s
-    against 351)."""
+    An async primary had it off until stop 40: its stream then waited for
+    activity-log stores (each an fdatasync, 5-20 ms while the disks write
+    back) more often than log-ahead covered.  With LOG_AHEAD at 32 extents
+    (repdisk.node.primary) that is gone, and without write-behind the
+    VM's fsync after a 512 MiB stream wrote all of it at the end: 250-266
+    ms of a ~690 ms job (README, *Where repdisk stands*)."""
     if every is None:
         every = default
     if not every:
@@ -117,7 +115,7 @@ def run_primary(args) -> int:
                        batch_delay=args.async_batch_delay / 1000, reply_poll_us=args.reply_poll_us,
                        al_durability=args.al_durability, replica_first=args.replica_first == "on",
                        flush_interval=args.flush_interval)
-    node.write_behind = write_behind(image, args.write_behind, 0 if args.mode == "async" else WRITE_BEHIND_DEFAULT)
+    node.write_behind = write_behind(image, args.write_behind)
 
     async def main():
         # Connect before mounting, so that a secondary of the wrong size is
