@@ -217,20 +217,20 @@ def test_the_log_path_is_compared_with_replica_first_and_has_no_target_of_its_ow
     assert checked == ["rd-sync-unix", "rd-sync-unix"]
 
 
-def test_write_behind_on_an_async_primary_is_a_comparison_without_a_target():
-    """rd-async-unix-wb (--write-behind 8M on an async primary) carries xwboff
+def test_write_behind_off_on_an_async_primary_is_a_comparison_without_a_target():
+    """rd-async-unix-nowb (--write-behind off on an async primary) carries xwbon
     against rd-async-unix from the same run, and no target check: the
     configuration with targets is the default."""
     def cells(mibs):
         return {io: {"seqwrite": {"runs": [run(mibs, 512, (0.1, 0.1))], "errors": []}}
                 for io in ("direct", "buffered")}
     res = {"fio": {"targets": {"qemu-pri": cells(200), "rd-async-unix": cells(300),
-                               "rd-async-unix-wb": cells(360)}, "labels": {}}}
+                               "rd-async-unix-nowb": cells(360)}, "labels": {}}}
     summary = report.summarize_all(res)
     rows = {(r["key"], r["io"]): r for r in summary["rows"] if r["section"] == "fio"}
-    assert rows[("rd-async-unix-wb", "direct")]["ratios"]["xwboff"] == pytest.approx(1.2)
-    assert rows[("rd-async-unix-wb", "buffered")]["ratios"]["xQEMU"] == pytest.approx(1.8)
-    assert "xwboff" not in rows[("rd-async-unix", "direct")]["ratios"]
+    assert rows[("rd-async-unix-nowb", "direct")]["ratios"]["xwbon"] == pytest.approx(1.2)
+    assert rows[("rd-async-unix-nowb", "buffered")]["ratios"]["xQEMU"] == pytest.approx(1.8)
+    assert "xwbon" not in rows[("rd-async-unix", "direct")]["ratios"]
     checked = sorted(c["item"].split(":")[0] for c in summary["checks"])
     assert checked == ["rd-async-unix", "rd-async-unix"]
 

@@ -117,8 +117,8 @@ TARGET_LABEL = {
     "rd-sec": "repdisk secondary view",
     # --direct-writes on (not in the default lists: a comparison, like -norf)
     "rd-sync-unix-dw": "repdisk sync unix, dw on", "rd-sec-dw": "repdisk view, dw on",
-    # an async primary with --write-behind 8M (its default is off): a comparison too
-    "rd-async-unix-wb": "repdisk async unix, wb on",
+    # an async primary with --write-behind off (its default is 8M): a comparison too
+    "rd-async-unix-nowb": "repdisk async unix, wb off",
 }
 
 
@@ -437,12 +437,12 @@ def _start_fio_target(key, d, size):
             dw = ["--direct-writes", "on"] if key.endswith("-dw") else []
             t = RepdiskPair(d, size, mode="sync", transport="unix", extra_primary=dw, extra_secondary=dw)
         else:
-            # rd-<mode>-<transport>[-norf|-dw|-wb]; -norf: the activity log path, measured
+            # rd-<mode>-<transport>[-norf|-dw|-nowb]; -norf: the activity log path, measured
             # next to replica first in the same run; -dw: --direct-writes on;
-            # -wb: --write-behind 8M on the primary
+            # -nowb: --write-behind off on the primary
             _, mode, transport, *rest = key.split("-")
             extra = {"norf": ["--replica-first", "off"], "dw": ["--direct-writes", "on"],
-                     "wb": ["--write-behind", "8M"]}.get("".join(rest), [])
+                     "nowb": ["--write-behind", "off"]}.get("".join(rest), [])
             t = RepdiskPair(d, size, mode=mode, transport=transport, extra_primary=extra)
         holder.append(t)
         _LIVE.append(t)

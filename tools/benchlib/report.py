@@ -8,12 +8,12 @@ from .profile import busy_symbols
 from .util import MiB, summarize
 
 FIO_ORDER = ["plain", "plain-pair", "py-floor", "qemu-pri", "qemu-sec", "rd-sync-unix", "rd-async-unix", "rd-sync-tcp",
-             "rd-async-tcp", "rd-sync-unix-norf", "rd-sync-unix-dw", "rd-async-unix-wb", "rd-sec", "rd-sec-dw"]
+             "rd-async-tcp", "rd-sync-unix-norf", "rd-sync-unix-dw", "rd-async-unix-nowb", "rd-sec", "rd-sec-dw"]
 CKPT_LABEL = {"qemu": "QEMU", "rd-sync": "repdisk sync", "rd-async": "repdisk async"}
 # A setting measured next to the default in the same run: variant -> (the
 # default's target, its ratio to it).  Variants carry no target check.
 AGAINST_DEFAULT = {"rd-sync-unix-dw": ("rd-sync-unix", "xdwoff"), "rd-sec-dw": ("rd-sec", "xdwoff"),
-                   "rd-async-unix-wb": ("rd-async-unix", "xwboff")}
+                   "rd-async-unix-nowb": ("rd-async-unix", "xwbon")}
 
 
 def _qemu_peer(key: str) -> str | None:
@@ -398,7 +398,7 @@ def table(res: dict, summary: dict) -> str:
              "figures: median (min-max) of the repetitions; xQEMU/xplain/xfloor/xpair = repdisk / baseline "
              "(floor: a minimal pyfuse3 passthrough of a raw file; pair: two plain files written at once, "
              "per file, what a pair's two images take of this disk; xnorf: sync unix with replica first "
-             "/ the same with --replica-first off; xdwoff: with --direct-writes on / the default (off); xwboff: an async primary with --write-behind 8M / its default (off); "
+             "/ the same with --replica-first off; xdwoff: with --direct-writes on / the default (off); xwbon: an async primary with --write-behind off / its default (8M); "
              "for ms, MiB and x rows lower "
              "is better)"]
     ft = meta.get("first_touch")
