@@ -39,18 +39,18 @@ def secondary_server(node, request_poll_us: int = 0):
 WRITE_BEHIND_DEFAULT = 8 << 20
 
 
-def write_behind(image, every: int | None, default: int = WRITE_BEHIND_DEFAULT):
+def write_behind(image, every: int | None):
     """--write-behind: a WriteBehind thread fed by the image's large writes,
-    or None when it is off.  every=None: the default, on every node.
+    or None when it is off.  every=None: WRITE_BEHIND_DEFAULT, on every node.
 
     An async primary had it off until stop 40: its stream then waited for
     activity-log stores (each an fdatasync, 5-20 ms while the disks write
     back) more often than log-ahead covered.  With LOG_AHEAD at 32 extents
     (repdisk.node.primary) that is gone, and without write-behind the
     VM's fsync after a 512 MiB stream wrote all of it at the end: 250-266
-    ms of a ~690 ms job (README, *Where repdisk stands*)."""
+    ms of a ~690 ms job (README, *What bounds the cells it misses*)."""
     if every is None:
-        every = default
+        every = WRITE_BEHIND_DEFAULT
     if not every:
         return None
     from .node.writebehind import WriteBehind
