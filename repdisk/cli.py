@@ -79,8 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after each SIZE written to this node's image in writes of 64 KiB and more (a VM "
                         "writing a big file, the primary's writes of it on the secondary), start writing them "
                         "to disk in the background, so that the VM's next fsync has only the rest to wait for "
-                        "(0 or off: leave it all to the kernel and that fsync; default 8M, but off on a primary "
-                        "in async mode, where it slowed streams of writes down)")
+                        "(0 or off: leave it all to the kernel and that fsync; default 8M on every node)")
 
         sp.add_argument("--fuse-poll-us", type=_MICROSECONDS,
                         default=FUSE_POLL_US, help="microseconds the FUSE loop may poll for the next request "

@@ -332,7 +332,6 @@ class ReplicaLink:
         reply"); 0 turns it off."""
         self._reply_poll = spin.policy(max_s)
 
-
     def set_batching(self, max_requests: int, delay: float) -> None:
         """Hold small writes that nobody waits for and send them together:
         when `max_requests` are held, `delay` seconds after the first, or as

@@ -80,7 +80,6 @@ class SpinPolicy:
         _last_input[threading.get_ident()] = _now()
 
 
-
 def policy(max_s: float) -> SpinPolicy | None:
     """A policy spinning up to `max_s` seconds, or None for 0 (never)."""
     return SpinPolicy(max_s) if max_s > 0 else None
